@@ -1,0 +1,144 @@
+"""Thread-safe queues between the media stages.
+
+Live video never queues up: a :class:`StageQueue` drops a video frame that has waited longer than
+``max_age_s`` when a newer one is already behind it (the newest frame wins), and drops the oldest video
+frame when ``capacity`` video frames are waiting. Frames that keep up are never dropped, not even in a
+burst (the decoder flushing at the end of a stream), so a processor that keeps up loses nothing.
+Other items (audio, parameter updates) are never dropped and keep their order relative to video.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+__all__ = ["Closed", "StageQueue"]
+
+T = TypeVar("T")
+
+
+class Closed(Exception):
+    """The queue was closed and every item in it has been taken."""
+
+
+@dataclass(slots=True)
+class _Entry(Generic[T]):
+    item: T
+    droppable: bool
+    enqueued_at: float
+
+
+class StageQueue(Generic[T]):
+    """A bounded hand-off between two threads where the newest video frame wins."""
+
+    def __init__(
+        self,
+        *,
+        capacity: int = 8,
+        max_age_s: float = 0.1,
+        on_drop: Callable[[T], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self._entries: deque[_Entry[T]] = deque()
+        self._droppable = 0
+        self._capacity = capacity
+        self._max_age = max_age_s
+        self._on_drop = on_drop
+        self._clock = clock
+        self._closed = False
+        self._cond = threading.Condition()
+        self._waker: Callable[[], None] | None = None
+        self.dropped = 0
+
+    def set_waker(self, waker: Callable[[], None] | None) -> None:
+        """Call ``waker`` (from the putting thread) whenever an item arrives or the queue closes."""
+        self._waker = waker
+
+    def put(self, item: T, *, droppable: bool = True) -> None:
+        """Add an item; never blocks. A droppable item (a video frame) may push out an older one."""
+        dropped: list[T] = []
+        with self._cond:
+            if self._closed:
+                raise Closed("put() on a closed queue")
+            if droppable and self._droppable >= self._capacity:
+                dropped.append(self._remove_oldest_droppable())
+            self._entries.append(_Entry(item, droppable, self._clock()))
+            self._droppable += droppable
+            self._cond.notify()
+        self._after(dropped)
+
+    def get(self, timeout: float | None = None) -> T:
+        """The next item, waiting for one. Raises Closed at the end, TimeoutError on timeout."""
+        dropped: list[T] = []
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._entries or self._closed, timeout):
+                raise TimeoutError
+            try:
+                return self._pop(dropped)
+            finally:
+                self._report(dropped)
+
+    def get_nowait(self) -> T | None:
+        """The next item if one is waiting, else None. Raises Closed at the end."""
+        dropped: list[T] = []
+        with self._cond:
+            try:
+                return self._pop(dropped) if self._entries or self._closed else None
+            finally:
+                self._report(dropped)
+
+    def close(self) -> None:
+        """No more items: get() returns what is left, then raises Closed."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._after([])
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._entries)
+
+    # --- internals (called with the lock held, except _after) ----------------------------------
+
+    def _pop(self, dropped: list[T]) -> T:
+        if not self._entries:
+            raise Closed("queue closed")
+        now = self._clock()
+        while True:
+            entry = self._entries[0]
+            stale = entry.droppable and now - entry.enqueued_at > self._max_age
+            if stale and self._droppable > 1:
+                self._entries.popleft()
+                self._droppable -= 1
+                dropped.append(entry.item)
+                continue
+            self._entries.popleft()
+            self._droppable -= entry.droppable
+            return entry.item
+
+    def _remove_oldest_droppable(self) -> T:
+        for index, entry in enumerate(self._entries):
+            if entry.droppable:
+                del self._entries[index]
+                self._droppable -= 1
+                return entry.item
+        raise AssertionError("no droppable entry")  # pragma: no cover - guarded by the caller
+
+    def _report(self, dropped: list[T]) -> None:
+        self.dropped += len(dropped)
+        if self._on_drop is not None:
+            for item in dropped:
+                self._on_drop(item)
+
+    def _after(self, dropped: list[T]) -> None:
+        if dropped:
+            with self._cond:
+                self._report(dropped)
+        if self._waker is not None:
+            self._waker()

@@ -1,0 +1,373 @@
+"""Trickle publisher: one segment per write context, its body streamed as it is written.
+
+::
+
+    publisher = TricklePublisher(url, session=session, mime_type="video/mp2t")
+    async with publisher.segment() as segment:
+        await segment.write(first_bytes)     # leaves at once, before the segment is complete
+        await segment.write(more_bytes)
+    await publisher.close()                  # DELETE: readers see the end of the stream
+
+The POST for the next seq is opened while the current one is written (pre-connect). A seq is retried
+only if zero bytes of it were sent; a segment cut after some bytes is never POSTed again (the server
+would append to it): the publisher DELETEs that seq so readers are released, and moves on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+import aiohttp
+
+from byoc.errors import ChannelClosed, ChannelGone, RetriesExhausted, TrickleError
+from byoc.trickle.client import TrickleClientSettings
+from byoc.trickle.protocol import (
+    RESET_HEADER,
+    SEQ_NEXT,
+    Accepted,
+    ChannelEnded,
+    Gone,
+    PostOutcome,
+    Retry,
+    RetryState,
+    classify_post,
+    next_url,
+    segment_url,
+)
+
+__all__ = ["PublishSegment", "PublisherStatistics", "TricklePublisher"]
+
+log = logging.getLogger(__name__)
+
+_TRANSPORT_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
+_HIGH_WATER_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class PublisherStatistics:
+    """Counters of one publisher."""
+
+    segments: int
+    bytes: int
+    broken_segments: int
+    retries: int
+    next_seq: int
+
+
+class _BodyFeed:
+    """The bytes of one segment, consumed by at most one live request body at a time."""
+
+    def __init__(self) -> None:
+        self._chunks: deque[bytes] = deque()
+        self._finished = False
+        self._wakeup = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._generation = 0
+        self.buffered = 0
+        self.sent = 0
+
+    def put(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self.buffered += len(data)
+        if self.buffered > _HIGH_WATER_BYTES:
+            self._drained.clear()
+        self._wakeup.set()
+
+    def finish(self) -> None:
+        self._finished = True
+        self._wakeup.set()
+
+    async def wait_drained(self) -> None:
+        await self._drained.wait()
+
+    def stop_readers(self) -> None:
+        """Make any live body generator end at its next step."""
+        self._generation += 1
+        self._wakeup.set()
+
+    def reader(self) -> AsyncIterator[bytes]:
+        """A request body; a newer reader makes older ones stop without consuming anything."""
+        self.stop_readers()
+        return self._read(self._generation)
+
+    async def _read(self, generation: int) -> AsyncIterator[bytes]:
+        yield b""  # an empty write sends the request headers now: the server sees the POST early
+        while generation == self._generation:
+            if self._chunks:
+                chunk = self._chunks.popleft()
+                self.buffered -= len(chunk)
+                self.sent += len(chunk)
+                if self.buffered <= _HIGH_WATER_BYTES:
+                    self._drained.set()
+                yield chunk
+            elif self._finished:
+                return
+            else:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+
+
+class _PendingPost:
+    """One POST for one seq: opened early, fed by a segment, retried only while nothing was sent."""
+
+    def __init__(self, publisher: TricklePublisher, seq: int, *, reset: bool) -> None:
+        self.seq = seq
+        self.feed = _BodyFeed()
+        self._publisher = publisher
+        self._headers = {"Content-Type": publisher.mime_type}
+        if reset:
+            self._headers[RESET_HEADER] = "1"
+        self.task = asyncio.create_task(self._run(), name=f"trickle-post {publisher.url} {seq}")
+
+    async def _run(self) -> PostOutcome:
+        pub = self._publisher
+        url = segment_url(pub.url, self.seq)
+        state = RetryState()
+        while True:
+            try:
+                async with pub._session.post(url, data=self.feed.reader(), headers=self._headers) as response:
+                    await response.read()
+                    outcome = classify_post(response.status, response.headers)
+            except _TRANSPORT_ERRORS as exc:
+                outcome = Retry(f"POST seq {self.seq}: {exc!r}")
+            finally:
+                self.feed.stop_readers()
+            if not isinstance(outcome, Retry) or self.feed.sent > 0:
+                return outcome
+            state, delay = pub.settings.retry.after_failure(state, pub._clock())
+            if delay is None:
+                return outcome
+            pub._retries += 1
+            log.info(
+                "%s: %s; retrying the same seq in %.2fs (nothing was sent)", pub.url, outcome.reason, delay
+            )
+            await asyncio.sleep(delay)
+
+    async def cancel(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
+class PublishSegment:
+    """The write side of one segment; use through ``async with publisher.segment()``."""
+
+    def __init__(self, publisher: TricklePublisher) -> None:
+        self._publisher = publisher
+        self._post: _PendingPost | None = None
+        self._broken = False
+        self.seq = -1
+
+    async def __aenter__(self) -> Self:
+        self._post = await self._publisher._begin_segment()
+        self.seq = self._post.seq
+        return self
+
+    async def write(self, data: bytes) -> None:
+        """Queue bytes for the segment; they are sent as soon as the connection takes them."""
+        post = self._post
+        if post is None:
+            raise RuntimeError("write() outside of 'async with publisher.segment()'")
+        if post.task.done():
+            self._check_early_end(post)
+        if self._broken or not data:
+            return
+        post.feed.put(bytes(data))
+        if post.feed.buffered > _HIGH_WATER_BYTES:
+            await post.feed.wait_drained()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        post, self._post = self._post, None
+        assert post is not None
+        if exc is not None:
+            await self._publisher._abandon(post)
+            return
+        post.feed.finish()
+        try:
+            async with asyncio.timeout(self._publisher.settings.response_timeout_s):
+                outcome = await asyncio.shield(post.task)
+        except TimeoutError:
+            outcome = Retry(f"no answer to POST seq {post.seq}")
+            await post.cancel()
+        await self._publisher._settle(post, outcome)
+
+    def _check_early_end(self, post: _PendingPost) -> None:
+        """The POST ended while the segment is still being written."""
+        outcome = post.task.result()
+        if isinstance(outcome, Gone):
+            raise ChannelGone("trickle channel not found", url=self._publisher.url)
+        if isinstance(outcome, ChannelEnded):
+            raise ChannelClosed("trickle channel closed", url=self._publisher.url)
+        if not self._broken:
+            self._broken = True
+            log.info(
+                "%s: seq %d ended early (%s); dropping the rest of it", self._publisher.url, post.seq, outcome
+            )
+
+
+class TricklePublisher:
+    """Writes the segments of one trickle channel."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        session: aiohttp.ClientSession,
+        mime_type: str = "video/mp2t",
+        start_seq: int = 0,
+        reset: bool = False,
+        delete_broken_segments: bool = True,
+        settings: TrickleClientSettings | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if start_seq < SEQ_NEXT:
+            raise ValueError(f"start_seq must be >= {SEQ_NEXT}, got {start_seq}")
+        self.url = url
+        self.mime_type = mime_type
+        self.settings = settings or TrickleClientSettings()
+        self._session = session
+        self._clock = clock
+        self._seq = start_seq
+        self._reset = reset
+        self._delete_broken = delete_broken_segments
+        self._next: _PendingPost | None = None
+        self._closed = False
+        self._segments = self._bytes = self._broken = self._retries = 0
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def segment(self) -> PublishSegment:
+        """A context for one segment: bytes written inside it form one segment."""
+        return PublishSegment(self)
+
+    async def write_segment(self, data: bytes) -> None:
+        """Publish ``data`` as one whole segment."""
+        async with self.segment() as segment:
+            await segment.write(data)
+
+    async def resume(self) -> int:
+        """Continue a live channel where it is: ask the server for its next write position."""
+        state = RetryState()
+        while True:
+            try:
+                async with self._session.get(next_url(self.url)) as response:
+                    text = await response.text()
+                    status = response.status
+            except _TRANSPORT_ERRORS as exc:
+                status, text = 0, repr(exc)
+            if status == 404:
+                raise ChannelGone("trickle channel not found", url=self.url)
+            if status == 200 and text.strip().isdigit():
+                await self._drop_next()
+                self._seq = int(text)
+                return self._seq
+            state, delay = self.settings.retry.after_failure(state, self._clock())
+            if delay is None:
+                raise RetriesExhausted(f"cannot read the next seq: {status} {text[:80]}", url=self.url)
+            await asyncio.sleep(delay)
+
+    def statistics(self) -> PublisherStatistics:
+        return PublisherStatistics(self._segments, self._bytes, self._broken, self._retries, self._seq)
+
+    async def close(self) -> None:
+        """End the channel: DELETE it so readers see the end of the stream. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            async with asyncio.timeout(self.settings.response_timeout_s):
+                async with self._session.delete(self.url) as response:
+                    if response.status not in (200, 400, 404):
+                        log.info("%s: DELETE answered %d", self.url, response.status)
+        except _TRANSPORT_ERRORS as exc:
+            log.info("%s: DELETE failed: %r", self.url, exc)
+        finally:
+            await self._drop_next()
+
+    # --- internals ------------------------------------------------------------------------------
+
+    async def _begin_segment(self) -> _PendingPost:
+        if self._closed:
+            raise ChannelClosed("publisher is closed", url=self.url)
+        if self._seq == SEQ_NEXT:
+            await self.resume()
+        while True:
+            post = self._next if self._next is not None and self._next.seq == self._seq else None
+            if post is None:
+                await self._drop_next()
+                post = _PendingPost(self, self._seq, reset=self._reset)
+            self._next = None
+            self._reset = False
+            self._seq = post.seq + 1
+            if not post.task.done():
+                break
+            # The pre-connected POST ended before it got data.
+            outcome = post.task.result()
+            if isinstance(outcome, Accepted):
+                log.info("%s: seq %d was closed before it was written; skipping it", self.url, post.seq)
+                continue
+            self._raise_terminal(outcome)
+            raise RetriesExhausted(f"seq {post.seq} could not be opened: {outcome}", url=self.url)
+        self._next = _PendingPost(self, self._seq, reset=False)
+        return post
+
+    async def _settle(self, post: _PendingPost, outcome: PostOutcome) -> None:
+        """Account for a finished segment; raise if the channel is over."""
+        if isinstance(outcome, Accepted):
+            self._segments += 1
+            self._bytes += post.feed.sent
+            return
+        self._raise_terminal(outcome)
+        if isinstance(outcome, Retry) and post.feed.sent == 0:
+            raise RetriesExhausted(f"seq {post.seq}: {outcome.reason}", url=self.url)
+        self._broken += 1
+        log.warning("%s: seq %d broke after %d bytes (%s)", self.url, post.seq, post.feed.sent, outcome)
+        if self._delete_broken:
+            await self._delete_seq(post.seq)
+
+    def _raise_terminal(self, outcome: PostOutcome) -> None:
+        if isinstance(outcome, Gone):
+            raise ChannelGone("trickle channel not found", url=self.url)
+        if isinstance(outcome, ChannelEnded):
+            raise ChannelClosed("trickle channel closed", url=self.url)
+        if not isinstance(outcome, Accepted | Retry):
+            raise TrickleError(f"trickle POST failed: {outcome.reason}", url=self.url)
+
+    async def _abandon(self, post: _PendingPost) -> None:
+        """The segment's writer failed: never leave a half-written seq open."""
+        await post.cancel()
+        if post.feed.sent == 0:
+            # Nothing reached the server: the same seq serves the next segment.
+            await self._drop_next()
+            self._seq = post.seq
+            return
+        self._broken += 1
+        if self._delete_broken:
+            await self._delete_seq(post.seq)
+
+    async def _delete_seq(self, seq: int) -> None:
+        with contextlib.suppress(*_TRANSPORT_ERRORS):
+            async with asyncio.timeout(self.settings.response_timeout_s):
+                async with self._session.delete(segment_url(self.url, seq)) as response:
+                    log.debug("%s: DELETE seq %d -> %d", self.url, seq, response.status)
+
+    async def _drop_next(self) -> None:
+        if self._next is not None:
+            post, self._next = self._next, None
+            await post.cancel()
