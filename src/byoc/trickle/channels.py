@@ -122,10 +122,13 @@ class DataWriter:
 
     async def write(self, *messages: Any) -> None:
         """Send the messages as one segment, one line each. Nothing is sent if any line is too long."""
-        if not messages:
-            return
-        await self._publisher.write_segment(encode_data_lines(list(messages)))
-        self.sent += len(messages)
+        if messages:
+            await self.write_lines(encode_data_lines(list(messages)))
+
+    async def write_lines(self, lines: bytes) -> None:
+        """Send already encoded JSON Lines (see :func:`encode_data_lines`) as one segment."""
+        await self._publisher.write_segment(lines)
+        self.sent += lines.count(b"\n")
 
     async def close(self) -> None:
         await self._publisher.close()

@@ -167,15 +167,27 @@ class PublishSegment:
         self.seq = -1
 
     async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            await self.finish()
+        else:
+            await self.abort()
+
+    async def open(self) -> None:
+        """Start the segment (takes the pre-connected POST for the next seq)."""
         self._post = await self._publisher._begin_segment()
         self.seq = self._post.seq
-        return self
 
     async def write(self, data: bytes) -> None:
         """Queue bytes for the segment; they are sent as soon as the connection takes them."""
         post = self._post
         if post is None:
-            raise RuntimeError("write() outside of 'async with publisher.segment()'")
+            raise RuntimeError("write() on a segment that is not open")
         if post.task.done():
             self._check_early_end(post)
         if self._broken or not data:
@@ -184,13 +196,10 @@ class PublishSegment:
         if post.feed.buffered > _HIGH_WATER_BYTES:
             await post.feed.wait_drained()
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    async def finish(self) -> None:
+        """End the segment and wait for the server to confirm it."""
         post, self._post = self._post, None
-        assert post is not None
-        if exc is not None:
-            await self._publisher._abandon(post)
+        if post is None:
             return
         post.feed.finish()
         try:
@@ -200,6 +209,12 @@ class PublishSegment:
             outcome = Retry(f"no answer to POST seq {post.seq}")
             await post.cancel()
         await self._publisher._settle(post, outcome)
+
+    async def abort(self) -> None:
+        """Give the segment up: a partly sent seq is DELETEd, an unsent one is reused."""
+        post, self._post = self._post, None
+        if post is not None:
+            await self._publisher._abandon(post)
 
     def _check_early_end(self, post: _PendingPost) -> None:
         """The POST ended while the segment is still being written."""

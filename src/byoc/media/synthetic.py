@@ -1,0 +1,214 @@
+"""A synthetic live source: a moving test pattern as MPEG-TS segments, with optional audio.
+
+Every frame carries its index in its pixels (:func:`read_frame_index`), so tests and tools can tell
+exactly which frames came out of a pipeline, in which order, and whether any was lost or repeated.
+Each segment is one GOP in its own TS container (PAT/PMT + IDR first), timestamps continue across
+segments, and :meth:`SyntheticStream.segment` returns the segment as per-frame byte chunks so that a
+publisher can send every frame when it is due, as a live encoder would.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import av
+import numpy as np
+
+__all__ = ["INDEX_BITS", "SyntheticStream", "pattern", "read_frame_index"]
+
+INDEX_BITS = 16
+_ROWS = 2  # the index, then its complement as a check
+_TIME_BASE = Fraction(1, 90000)
+
+
+@functools.lru_cache(maxsize=8)
+def _gradients(width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    x = np.broadcast_to((np.arange(width) % 256).astype(np.uint8)[None, :], (height, width))
+    y = np.broadcast_to((np.arange(height) % 256).astype(np.uint8)[:, None], (height, width))
+    diagonal = ((np.arange(width)[None, :] + np.arange(height)[:, None]) // 2 % 256).astype(np.uint8)
+    return x, y, diagonal
+
+
+def pattern(index: int, width: int, height: int) -> np.ndarray:
+    """An RGB test picture for frame ``index``: moving gradients and the index as a bit code on top."""
+    x, y, diagonal = _gradients(width, height)
+    rgb = np.empty((height, width, 3), dtype=np.uint8)
+    np.add(x, np.uint8(4 * index % 256), out=rgb[..., 0])
+    np.add(y, np.uint8(2 * index % 256), out=rgb[..., 1])
+    np.add(diagonal, np.uint8(8 * index % 256), out=rgb[..., 2])
+    bar = (index * 7) % max(1, width - width // 8)
+    rgb[height // 2 : height // 2 + height // 8, bar : bar + width // 8] = 255
+    block = width // INDEX_BITS
+    bits = (index >> np.arange(INDEX_BITS)) & 1
+    code = np.where(np.stack([bits, 1 - bits]) == 1, 235, 16).astype(np.uint8)  # rows: index, complement
+    cells = np.repeat(np.repeat(code, block, axis=0), block, axis=1)
+    rgb[: _ROWS * block, : INDEX_BITS * block] = cells[:, :, None]
+    return rgb
+
+
+def read_frame_index(rgb: np.ndarray, *, inverted: bool = False) -> int | None:
+    """The index :func:`pattern` drew into a (decoded) frame, or None if the code is unreadable."""
+    width = rgb.shape[1]
+    block = width // INDEX_BITS
+    if block < 4 or rgb.shape[0] < _ROWS * block:
+        return None
+    margin = block // 4
+    luma = rgb.astype(np.float32).mean(axis=2)
+    if inverted:
+        luma = 255.0 - luma
+    index = 0
+    for bit in range(INDEX_BITS):
+        cells = [
+            luma[
+                r * block + margin : (r + 1) * block - margin,
+                bit * block + margin : (bit + 1) * block - margin,
+            ]
+            for r in range(_ROWS)
+        ]
+        on, check = (float(cell.mean()) > 128.0 for cell in cells)
+        if on == check:
+            return None
+        index |= int(on) << bit
+    return index
+
+
+@dataclass
+class SyntheticStream:
+    """Encodes the test pattern as live MPEG-TS segments (H.264; AAC or Opus audio optionally)."""
+
+    width: int = 512
+    height: int = 512
+    fps: int = 30
+    segment_frames: int = 30
+    audio: str | None = None
+    """None, "aac" or "opus"."""
+    preset: str = "veryfast"
+    start_pts: int = 900_000
+    _encoder: av.VideoCodecContext | None = field(default=None, init=False, repr=False)
+    _audio_encoder: av.AudioCodecContext | None = field(default=None, init=False, repr=False)
+    _next_frame: int = field(default=0, init=False)
+    _next_sample: int = field(default=0, init=False)
+
+    @property
+    def frame_ticks(self) -> int:
+        return 90000 // self.fps
+
+    def segment(self) -> list[bytes]:
+        """The next segment, as one chunk of TS bytes per video frame (the first has the tables)."""
+        sink = io.BytesIO()
+        container = av.open(sink, "w", format="mpegts", options={"flush_packets": "1", "max_delay": "0"})
+        video = container.add_mux_stream("h264", rate=self.fps, width=self.width, height=self.height)
+        video.time_base = _TIME_BASE
+        sound = None
+        if self.audio is not None:
+            sound = container.add_mux_stream(self.audio, rate=48000 if self.audio == "opus" else 44100)
+            sound.time_base = _TIME_BASE
+        chunks: list[bytes] = []
+        taken = 0
+        for n in range(self.segment_frames):
+            index = self._next_frame + n
+            for packet in self._encode_video(index, key=n == 0):
+                packet.stream = video
+                container.mux(packet)
+            if sound is not None:
+                for packet in self._encode_audio(until_pts=self._pts(index + 1)):
+                    packet.stream = sound
+                    container.mux(packet)
+            if n < self.segment_frames - 1:
+                chunks.append(sink.getvalue()[taken:])
+                taken = sink.tell()
+        container.close()
+        chunks.append(sink.getvalue()[taken:])
+        self._next_frame += self.segment_frames
+        return chunks
+
+    def segments(self, count: int) -> Iterator[list[bytes]]:
+        for _ in range(count):
+            yield self.segment()
+
+    def _pts(self, index: int) -> int:
+        return self.start_pts + index * self.frame_ticks
+
+    def _encode_video(self, index: int, *, key: bool) -> list[av.Packet[Any]]:
+        if self._encoder is None:
+            encoder = av.CodecContext.create("libx264", "w")
+            assert isinstance(encoder, av.VideoCodecContext)
+            encoder.width, encoder.height, encoder.pix_fmt = self.width, self.height, "yuv420p"
+            encoder.time_base, encoder.framerate = _TIME_BASE, Fraction(self.fps, 1)
+            encoder.thread_count = 1
+            encoder.options = {
+                "preset": self.preset,
+                "tune": "zerolatency",
+                "forced-idr": "1",
+                "x264-params": "bframes=0:keyint=infinite:scenecut=0",
+            }
+            self._encoder = encoder
+        frame = av.VideoFrame.from_ndarray(pattern(index, self.width, self.height), format="rgb24")
+        frame = frame.reformat(format="yuv420p")
+        frame.pts, frame.time_base = self._pts(index), _TIME_BASE
+        frame.pict_type = av.video.frame.PictureType.I if key else av.video.frame.PictureType.NONE
+        return list(self._encoder.encode(frame))
+
+    def _encode_audio(self, until_pts: int) -> list[av.Packet[Any]]:
+        assert self.audio is not None
+        if self._audio_encoder is None:
+            encoder = av.CodecContext.create("libopus" if self.audio == "opus" else "aac", "w")
+            assert isinstance(encoder, av.AudioCodecContext)
+            encoder.sample_rate = 48000 if self.audio == "opus" else 44100
+            encoder.layout = "stereo"
+            encoder.format = "flt" if self.audio == "opus" else "fltp"
+            encoder.time_base = Fraction(1, encoder.sample_rate)
+            encoder.open()
+            self._audio_encoder = encoder
+        encoder = self._audio_encoder
+        rate = encoder.sample_rate
+        size = encoder.frame_size or 1024
+        packets: list[av.Packet[Any]] = []
+        start_sample = self.start_pts * rate // 90000
+        while (start_sample + self._next_sample) * 90000 // rate < until_pts:
+            t = (self._next_sample + np.arange(size)) / rate
+            tone = (0.2 * np.sin(2 * math.pi * 440.0 * t)).astype(np.float32)
+            if encoder.format.is_planar:
+                samples = np.stack([tone, tone])
+            else:
+                samples = np.stack([tone, tone], axis=1).reshape(1, -1)
+            frame = av.AudioFrame.from_ndarray(samples, format=encoder.format.name, layout="stereo")
+            frame.sample_rate = rate
+            frame.pts = start_sample + self._next_sample
+            frame.time_base = Fraction(1, rate)
+            for packet in encoder.encode(frame):
+                if self.audio == "aac":
+                    packet = _with_adts_header(packet, rate)
+                packets.append(packet)
+            self._next_sample += size
+        return packets
+
+
+_ADTS_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
+
+
+def _with_adts_header(packet: av.Packet[Any], rate: int) -> av.Packet[Any]:
+    """Raw AAC-LC stereo framed with an ADTS header, which MPEG-TS needs when there is no extradata."""
+    payload = bytes(packet)
+    length = len(payload) + 7
+    index = _ADTS_RATES.index(rate)
+    header = bytes(
+        [
+            0xFF,
+            0xF1,  # MPEG-4, layer 0, no CRC
+            (1 << 6) | (index << 2),  # profile AAC LC (1 + 1), sampling frequency index, channel config msb 0
+            (2 << 6) | (length >> 11),  # channel configuration 2 (stereo), frame length high bits
+            (length >> 3) & 0xFF,
+            ((length & 0x7) << 5) | 0x1F,
+            0xFC,
+        ]
+    )
+    framed = av.Packet(header + payload)
+    framed.pts, framed.dts, framed.time_base = packet.pts, packet.dts, packet.time_base
+    return framed

@@ -1,0 +1,259 @@
+"""The processing stage: runs the model author's hooks for one session, off the HTTP event loop.
+
+Each session has one worker thread. When every hook of the processor is a plain method it calls them
+directly; when any is ``async def`` the thread runs its own event loop and awaits them there, so a
+coroutine that blocks only ever blocks its own session's loop. Parameter updates travel in the same
+queue as the frames and are applied between two frames.
+
+A frame whose ``process`` raises is dropped and counted; ``max_consecutive_errors`` failures in a row
+end the session with a :class:`~byoc.errors.ProcessorError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import av
+import numpy as np
+
+from byoc.errors import ProcessorError
+from byoc.media.items import TIME_BASE, AudioItem, Item, ParamsItem, VideoItem
+from byoc.media.queues import Closed, StageQueue
+from byoc.processor import Frame, Processor, SessionContext, is_async_hook
+
+__all__ = ["ProcessingStatistics", "ProcessingWorker", "to_video_frame"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessingStatistics:
+    frames_in: int
+    frames_out: int
+    frames_dropped_by_processor: int
+    errors: int
+    last_error: str | None
+    params_updates: int
+
+
+def to_video_frame(result: Any, source: av.VideoFrame) -> av.VideoFrame | None:
+    """What ``process`` returned, as a video frame with the source's timestamp (None: drop it)."""
+    if result is None:
+        return None
+    if isinstance(result, Frame):
+        frame = result.av_frame
+    elif isinstance(result, av.VideoFrame):
+        frame = result
+    elif isinstance(result, np.ndarray):
+        if result.dtype != np.uint8 or result.ndim != 3 or result.shape[2] != 3:
+            raise TypeError(
+                f"process() returned an array of shape {result.shape} and dtype {result.dtype}; "
+                "expected H x W x 3 uint8 RGB"
+            )
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(result), format="rgb24")
+    else:
+        raise TypeError(
+            f"process() returned {type(result).__name__}; expected a Frame, an av.VideoFrame, "
+            "an H x W x 3 uint8 array or None"
+        )
+    frame.pts, frame.time_base = source.pts, TIME_BASE
+    return frame
+
+
+class ProcessingWorker:
+    """Feeds one session's frames through the shared processor on the session's own thread."""
+
+    def __init__(
+        self,
+        processor: Processor,
+        context: SessionContext,
+        source: StageQueue[Item],
+        output: StageQueue[Item] | None,
+        *,
+        max_consecutive_errors: int = 10,
+        name: str = "processing",
+        on_error: Callable[[str], None] | None = None,
+        on_started: Callable[[], None] | None = None,
+        on_exit: Callable[[], None] | None = None,
+    ) -> None:
+        self._processor = processor
+        self._context = context
+        self._source = source
+        self._output = output
+        self._max_errors = max_consecutive_errors
+        self._on_error = on_error or (lambda kind: None)
+        self._on_started = on_started or (lambda: None)
+        self._on_exit = on_exit or (lambda: None)
+        self._custom_audio = type(processor).process_audio is not Processor.process_audio
+        hooks = (
+            processor.process,
+            processor.process_audio,
+            processor.on_start,
+            processor.on_stop,
+            processor.on_params,
+        )
+        self._needs_loop = any(is_async_hook(hook) for hook in hooks)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.error: BaseException | None = None
+        self._frames_in = self._frames_out = self._dropped = self._errors = self._consecutive = (
+            self._updates
+        ) = 0
+        self._last_error: str | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def statistics(self) -> ProcessingStatistics:
+        return ProcessingStatistics(
+            self._frames_in, self._frames_out, self._dropped, self._errors, self._last_error, self._updates
+        )
+
+    # --- the worker thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            if self._needs_loop:
+                asyncio.run(self._serve_async())
+            else:
+                self._serve_sync()
+        except Closed:
+            pass  # the encoder stopped taking frames
+        except BaseException as exc:  # reported to the session, which ends with this error
+            self.error = exc
+        finally:
+            self._source.close()  # the decoder stops instead of filling a queue nobody reads
+            if self._output is not None:
+                self._output.close()
+            self._on_exit()
+
+    def _serve_sync(self) -> None:
+        _run_now(self._start())
+        try:
+            while True:
+                try:
+                    item = self._source.get()
+                except Closed:
+                    return
+                _run_now(self._handle(item))
+        finally:
+            _run_now(self._stop())
+
+    async def _serve_async(self) -> None:
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        self._source.set_waker(lambda: _call_soon(loop, wake.set))
+        await self._start()
+        try:
+            while True:
+                try:
+                    item = self._source.get_nowait()
+                except Closed:
+                    return
+                if item is None:
+                    await wake.wait()
+                    wake.clear()
+                else:
+                    await self._handle(item)
+        finally:
+            self._source.set_waker(None)
+            await self._stop()
+
+    async def _start(self) -> None:
+        try:
+            await _resolve(self._processor.on_start(self._context))
+        except Exception as exc:
+            self._on_error("process")
+            raise ProcessorError(f"on_start failed: {type(exc).__name__}: {exc}") from exc
+        self._on_started()
+
+    async def _stop(self) -> None:
+        try:
+            await _resolve(self._processor.on_stop(self._context))
+        except Exception:
+            log.exception("on_stop failed")
+
+    async def _handle(self, item: Item) -> None:
+        processor, context = self._processor, self._context
+        if isinstance(item, VideoItem):
+            self._frames_in += 1
+            try:
+                result = await _resolve(processor.process(Frame(item.frame, item.index), context))
+                frame = to_video_frame(result, item.frame)
+            except Exception as exc:
+                self._failed(exc)
+                return
+            self._consecutive = 0
+            if frame is None:
+                self._dropped += 1
+                return
+            item.frame = frame
+            self._frames_out += 1
+            self._emit(item)
+        elif isinstance(item, AudioItem) and self._custom_audio:
+            try:
+                result = await _resolve(processor.process_audio(item.frame, context))
+            except Exception as exc:
+                self._failed(exc)
+                return
+            if isinstance(result, av.AudioFrame):
+                self._emit(AudioItem(result))
+        elif isinstance(item, ParamsItem):
+            context.params.update(item.params)
+            self._updates += 1
+            try:
+                await _resolve(processor.on_params(context, item.params))
+            except Exception as exc:
+                self._failed(exc)
+        else:
+            self._emit(item)
+
+    def _emit(self, item: Item) -> None:
+        if self._output is not None:
+            self._output.put(item, droppable=isinstance(item, VideoItem))
+
+    def _failed(self, exc: Exception) -> None:
+        self._errors += 1
+        self._consecutive += 1
+        self._last_error = f"{type(exc).__name__}: {exc}"
+        self._on_error("process")
+        if self._errors == 1 or self._errors % 100 == 0:
+            log.error("processor failed (%d so far)", self._errors, exc_info=exc)
+        if self._consecutive > self._max_errors:
+            raise ProcessorError(
+                f"{self._consecutive} processor failures in a row, last: {self._last_error}"
+            ) from exc
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:
+    loop.call_soon_threadsafe(callback)
+
+
+async def _resolve(result: Any) -> Any:
+    """Await a hook's result if it is awaitable."""
+    if inspect.isawaitable(result):
+        return await result
+    return result
+
+
+def _run_now(coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run a coroutine that never suspends (every hook it calls is a plain method)."""
+    try:
+        coroutine.send(None)
+    except StopIteration:
+        return
+    coroutine.close()
+    raise ProcessorError("a processor hook returned an awaitable; declare it with 'async def'")

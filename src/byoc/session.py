@@ -1,0 +1,567 @@
+"""One live stream as one unit: it owns its channels, threads and tasks and always ends cleanly.
+
+::
+
+    input (trickle) --> decoder thread --> processing thread --> encoder thread --> output (trickle)
+    control (trickle) --> parameter updates            events / data (trickle) <-- status, processor
+
+:meth:`Session.run` drives everything and returns why the session ended: a stop request, the end of
+(or 404 on) the input or control channel, a 404 on a channel it publishes, a fatal processor or media
+error, or its deadline. A graceful end lets the pipeline drain — the encoder is flushed and its last
+segment published — within ``drain_timeout_s``; then a final event goes out and every channel the
+session publishes is DELETEd, so the gateway sees the end at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import enum
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aiohttp
+
+from byoc.errors import ChannelClosed, ChannelGone, ProcessorError, TrickleError
+from byoc.media.decoder import Decoder
+from byoc.media.encoder import Encoder, EncoderSettings
+from byoc.media.items import Item, ParamsItem, VideoItem
+from byoc.media.queues import Closed, StageQueue
+from byoc.processing import ProcessingWorker
+from byoc.processor import Processor, SessionContext
+from byoc.stats import LatencyWindow, RateMeter, SessionStatistics
+from byoc.trickle.channels import ControlReader, DataWriter, EventsWriter, encode_data_lines
+from byoc.trickle.client import TrickleClientSettings
+from byoc.trickle.publisher import PublishSegment, TricklePublisher
+from byoc.trickle.subscriber import TrickleSubscriber
+
+__all__ = ["EndReason", "Session", "SessionObserver", "SessionSettings", "StreamSpec", "current_stream_id"]
+
+log = logging.getLogger(__name__)
+
+current_stream_id: contextvars.ContextVar[str] = contextvars.ContextVar("stream_id", default="-")
+
+
+class EndReason(enum.StrEnum):
+    STOPPED = "stopped"
+    SHUTDOWN = "shutdown"
+    INPUT_ENDED = "input_ended"
+    INPUT_GONE = "input_gone"
+    CONTROL_ENDED = "control_ended"
+    CONTROL_GONE = "control_gone"
+    OUTPUT_GONE = "output_gone"
+    PROCESSOR_ERROR = "processor_error"
+    MEDIA_ERROR = "media_error"
+    TRICKLE_ERROR = "trickle_error"
+    DEADLINE = "deadline"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSpec:
+    """What a start request asks for (already validated)."""
+
+    stream_id: str
+    control_url: str | None
+    events_url: str | None
+    subscribe_url: str | None = None
+    publish_url: str | None = None
+    data_url: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    width: int = 512
+    height: int = 512
+    max_fps: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    segment_s: float = 1.0
+    preset: str = "superfast"
+    crf: int = 23
+    status_interval_s: float = 5.0
+    drain_timeout_s: float = 6.0
+    max_duration_s: float | None = None
+    max_consecutive_errors: int = 10
+    queue_capacity: int = 8
+    max_frame_age_s: float = 0.1
+    data_batch_s: float = 0.1
+    trickle: TrickleClientSettings = field(default_factory=TrickleClientSettings)
+
+
+class SessionObserver(Protocol):
+    """Runtime-wide accounting fed by every session (metrics). Called from any thread."""
+
+    def frame_done(self, latency_s: float) -> None: ...
+
+    def error(self, kind: str) -> None: ...
+
+
+class _NoObserver:
+    def frame_done(self, latency_s: float) -> None:
+        pass
+
+    def error(self, kind: str) -> None:
+        pass
+
+
+_FINISHED = object()
+
+
+class _LoopSink:
+    """The encoder's output, handed to the event loop (the encoder calls this from its thread)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.queue: asyncio.Queue[tuple[int, bytes | None] | object] = asyncio.Queue()
+
+    def write(self, segment: int, data: bytes) -> None:
+        self._loop.call_soon_threadsafe(self.queue.put_nowait, (segment, data))
+
+    def end(self, segment: int) -> None:
+        self._loop.call_soon_threadsafe(self.queue.put_nowait, (segment, None))
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self.queue.put_nowait, _FINISHED)
+
+
+class Session:
+    """One stream. Create it, ``await run()``, and call ``stop()`` / ``update_params()`` meanwhile."""
+
+    def __init__(
+        self,
+        spec: StreamSpec,
+        processor: Processor,
+        http: aiohttp.ClientSession,
+        settings: SessionSettings | None = None,
+        observer: SessionObserver | None = None,
+    ) -> None:
+        self.spec = spec
+        self.settings = s = settings or SessionSettings()
+        self._http = http
+        self._observer = observer or _NoObserver()
+        self._loop = asyncio.get_running_loop()
+        self._reason: EndReason | None = None
+        self._stopping = asyncio.Event()
+        self._started = asyncio.Event()
+        self._worker_done = asyncio.Event()
+        self._events: asyncio.Queue[tuple[dict[str, Any], str | None]] = asyncio.Queue()
+        self._data: asyncio.Queue[bytes] = asyncio.Queue()
+        self._state = "starting"
+        self._started_at = time.time()
+        self._started_mono = time.monotonic()
+        self._errors: dict[str, int] = {}
+        self._last_error: str | None = None
+        self._input_rate, self._output_rate = RateMeter(), RateMeter()
+        self._latency = LatencyWindow()
+        self._input_segments = self._output_segments = self._output_bytes = 0
+        self.context = SessionContext(spec.stream_id, spec.width, spec.height, dict(spec.params), self)
+        self._frames: StageQueue[Item] = StageQueue(capacity=s.queue_capacity, max_age_s=s.max_frame_age_s)
+        self._processed: StageQueue[Item] = StageQueue(capacity=s.queue_capacity, max_age_s=s.max_frame_age_s)
+        has_input = spec.subscribe_url is not None
+        has_output = has_input and spec.publish_url is not None
+        self._decoder: Decoder | None = None
+        if has_input:
+            self._decoder = Decoder(
+                self._frames,
+                width=spec.width,
+                height=spec.height,
+                max_fps=spec.max_fps,
+                name=f"decode-{spec.stream_id}",
+                on_error=self._error,
+                on_frame=self._input_rate.tick,
+            )
+        self._worker = ProcessingWorker(
+            processor,
+            self.context,
+            self._frames,
+            self._processed if has_output else None,
+            max_consecutive_errors=s.max_consecutive_errors,
+            name=f"process-{spec.stream_id}",
+            on_error=self._error,
+            on_started=self._from_thread(self._started.set),
+            on_exit=self._from_thread(self._worker_done.set),
+        )
+        self._sink = _LoopSink(self._loop)
+        self._encoder: Encoder | None = None
+        if has_output:
+            self._encoder = Encoder(
+                self._processed,
+                self._sink,
+                EncoderSettings(spec.width, spec.height, segment_s=s.segment_s, preset=s.preset, crf=s.crf),
+                name=f"encode-{spec.stream_id}",
+                on_frame=self._frame_done,
+                on_error=self._error,
+            )
+
+    def _from_thread(self, callback: Callable[[], object]) -> Callable[[], None]:
+        """``callback`` made safe to call from another thread: it runs on the session's loop."""
+
+        def schedule() -> None:
+            self._loop.call_soon_threadsafe(callback)
+
+        return schedule
+
+    # --- control from the runtime (event loop) --------------------------------------------------
+
+    @property
+    def stream_id(self) -> str:
+        return self.spec.stream_id
+
+    @property
+    def end_reason(self) -> EndReason | None:
+        return self._reason
+
+    def stop(self, reason: EndReason = EndReason.STOPPED) -> None:
+        """Ask the session to end: the input stops, the pipeline drains, then it cleans up."""
+        if self._reason is None:
+            self._reason = reason
+            log.info("stream %s: ending (%s)", self.stream_id, reason)
+        self._stopping.set()
+
+    def update_params(self, params: Mapping[str, Any]) -> None:
+        """Apply new parameters between two frames (from /stream/params or the control channel)."""
+        update = dict(params)
+        if "max_fps" in update and self._decoder is not None:
+            self._decoder.max_fps = _positive_float(update["max_fps"])
+        with contextlib.suppress(Closed):
+            self._frames.put(ParamsItem(update), droppable=False)
+        self.send_event({"type": "params_updated", "params": update})
+
+    async def wait_started(self) -> None:
+        """Return once the processor's ``on_start`` ran; raise ProcessorError if it failed."""
+        started = asyncio.ensure_future(self._started.wait())
+        done = asyncio.ensure_future(self._worker_done.wait())
+        try:
+            await asyncio.wait((started, done), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            started.cancel()
+            done.cancel()
+        if not self._started.is_set():
+            error = self._worker.error
+            raise ProcessorError(str(error) if error else "the session ended before it started")
+
+    # --- the EventSink of SessionContext (any thread) -------------------------------------------
+
+    def send_data(self, message: Any) -> None:
+        line = encode_data_lines([message])  # raises DataLineTooLong in the caller's thread
+        self._loop.call_soon_threadsafe(self._data.put_nowait, line)
+
+    def send_event(self, event: Mapping[str, Any], queue_event_type: str | None = None) -> None:
+        self._loop.call_soon_threadsafe(self._events.put_nowait, (dict(event), queue_event_type))
+
+    # --- statistics -----------------------------------------------------------------------------
+
+    def _error(self, kind: str, message: str | None = None) -> None:
+        self._errors[kind] = self._errors.get(kind, 0) + 1
+        if message:
+            self._last_error = message
+        self._observer.error(kind)
+
+    def _frame_done(self, item: VideoItem) -> None:
+        latency = time.monotonic() - item.decoded_at
+        self._latency.add(latency * 1000.0)
+        self._output_rate.tick()
+        self._observer.frame_done(latency)
+
+    def statistics(self) -> SessionStatistics:
+        decoder = self._decoder.statistics() if self._decoder else None
+        worker = self._worker.statistics()
+        encoder = self._encoder.statistics() if self._encoder else None
+        dropped = {
+            "decode_queue": self._frames.dropped,
+            "encode_queue": self._processed.dropped,
+            "processor": worker.frames_dropped_by_processor,
+            "rate_cap": decoder.frames_capped if decoder else 0,
+            "timestamps": decoder.frames_rejected if decoder else 0,
+        }
+        return SessionStatistics(
+            stream_id=self.stream_id,
+            state=self._state,
+            started_at_ms=int(self._started_at * 1000),
+            uptime_s=time.monotonic() - self._started_mono,
+            params=dict(self.context.params),
+            width=self.spec.width,
+            height=self.spec.height,
+            has_audio=bool(decoder and decoder.has_audio),
+            input_segments=self._input_segments,
+            input_bytes=decoder.bytes_in if decoder else 0,
+            frames_in=decoder.frames_decoded if decoder else 0,
+            input_fps=self._input_rate.rate(),
+            frames_out=encoder.frames_out if encoder else worker.frames_out,
+            output_fps=self._output_rate.rate(),
+            output_segments=self._output_segments,
+            output_bytes=self._output_bytes,
+            dropped=dropped,
+            errors=dict(self._errors),
+            latency_ms=self._latency.percentiles(),
+            last_error=self._last_error or worker.last_error,
+            end_reason=str(self._reason) if self._reason and self._state == "ended" else None,
+        )
+
+    # --- the session ----------------------------------------------------------------------------
+
+    async def run(self) -> EndReason:
+        """Run the session to its end and clean up; returns why it ended."""
+        current_stream_id.set(self.stream_id)
+        events = self._publisher(self.spec.events_url, "application/json")
+        output = self._publisher(self.spec.publish_url, "video/mp2t")
+        data = self._publisher(self.spec.data_url, "application/jsonl")
+        for stage in (self._worker, self._decoder, self._encoder):
+            if stage is not None:
+                stage.start()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                background = [tasks.create_task(self._report(EventsWriter(events) if events else None))]
+                background.append(tasks.create_task(self._enforce_drain_deadline()))
+                if self.spec.control_url:
+                    background.append(tasks.create_task(self._watch_control(self.spec.control_url)))
+                if data is not None:
+                    background.append(tasks.create_task(self._publish_data(DataWriter(data))))
+                if self.settings.max_duration_s:
+                    background.append(tasks.create_task(self._deadline(self.settings.max_duration_s)))
+                self._state = "running"
+                try:
+                    await self._run_pipeline(output)
+                finally:
+                    for task in background:
+                        task.cancel()
+        finally:
+            self._state = "ended"
+            if self._reason is None:
+                self._reason = self._reason_from_stages()
+            await self._finish(events, output, data)
+        return self._reason
+
+    def _publisher(self, url: str | None, mime: str) -> TricklePublisher | None:
+        if url is None:
+            return None
+        return TricklePublisher(url, session=self._http, mime_type=mime, settings=self.settings.trickle)
+
+    async def _run_pipeline(self, output: TricklePublisher | None) -> None:
+        """Media until the pipeline has drained (without input: until a stop)."""
+        async with asyncio.TaskGroup() as tasks:
+            pump = tasks.create_task(self._pump_input()) if self._decoder else None
+            cut = tasks.create_task(self._cut_input_on_stop(pump))
+            try:
+                if self._encoder is not None and output is not None:
+                    await self._pump_output(output)
+                else:
+                    await self._worker_done.wait()
+            finally:
+                cut.cancel()
+                if pump is not None:
+                    pump.cancel()
+        if self._reason is None:
+            self._reason = self._reason_from_stages()
+
+    async def _cut_input_on_stop(self, pump: asyncio.Task[None] | None) -> None:
+        await self._stopping.wait()
+        if pump is not None:
+            pump.cancel()  # its finally ends the decoder's input, so the pipeline drains
+        else:
+            self._frames.close()
+
+    async def _enforce_drain_deadline(self) -> None:
+        await self._stopping.wait()
+        await asyncio.sleep(self.settings.drain_timeout_s)
+        stuck = [
+            name
+            for name, stage in (
+                ("decoder", self._decoder),
+                ("processor", self._worker),
+                ("encoder", self._encoder),
+            )
+            if stage is not None and stage.running
+        ]
+        log.error(
+            "stream %s: drain took over %.1fs; still busy: %s",
+            self.stream_id,
+            self.settings.drain_timeout_s,
+            ", ".join(stuck) or "nothing",
+        )
+        self._last_error = f"drain timed out; still busy: {', '.join(stuck)}"
+        self._close_queues()
+
+    def _close_queues(self) -> None:
+        """Let every stage that still can finish finish now (a hung processor is left behind)."""
+        if self._decoder is not None:
+            self._decoder.end()
+        self._frames.close()
+        self._processed.close()
+
+    def _reason_from_stages(self) -> EndReason:
+        if self._worker.error is not None:
+            return EndReason.PROCESSOR_ERROR
+        if any(stage is not None and stage.error is not None for stage in (self._decoder, self._encoder)):
+            return EndReason.MEDIA_ERROR
+        return EndReason.STOPPED
+
+    async def _pump_input(self) -> None:
+        decoder, url = self._decoder, self.spec.subscribe_url
+        assert decoder is not None
+        assert url is not None
+        try:
+            async with TrickleSubscriber(
+                url, session=self._http, settings=self.settings.trickle
+            ) as subscriber:
+                async for segment in subscriber:
+                    async for chunk in segment:
+                        decoder.feed(chunk)
+                    decoder.end_segment()
+                    self._input_segments += 1
+                    if self._input_segments == 1:
+                        self.send_event({"type": "receive_first_ingest_segment"}, "stream_trace")
+            self.stop(EndReason.INPUT_ENDED)
+        except ChannelGone:
+            self.stop(EndReason.INPUT_GONE)
+        except TrickleError as exc:
+            self._error("trickle", str(exc))
+            self.stop(EndReason.TRICKLE_ERROR)
+        finally:
+            decoder.end()
+
+    async def _pump_output(self, output: TricklePublisher) -> None:
+        """Publish the encoder's segments as their bytes arrive, until the encoder has finished."""
+        segment: PublishSegment | None = None
+        failed = False
+        while (item := await self._sink.queue.get()) is not _FINISHED:
+            assert isinstance(item, tuple)
+            _, data = item
+            if failed:
+                continue
+            try:
+                if segment is None:
+                    segment = output.segment()
+                    await segment.open()
+                if data is not None:
+                    await segment.write(data)
+                    self._output_bytes += len(data)
+                    continue
+                await segment.finish()
+                segment = None
+                self._output_segments += 1
+                if self._output_segments == 1:
+                    self.send_event({"type": "send_first_processed_segment"}, "stream_trace")
+            except (ChannelGone, ChannelClosed):
+                failed = True
+                self.stop(EndReason.OUTPUT_GONE)
+                self._close_queues()
+            except TrickleError as exc:
+                failed = True
+                self._error("trickle", str(exc))
+                self.stop(EndReason.TRICKLE_ERROR)
+                self._close_queues()
+        if segment is not None:
+            await segment.abort()
+
+    async def _watch_control(self, url: str) -> None:
+        try:
+            async with TrickleSubscriber(
+                url, session=self._http, settings=self.settings.trickle
+            ) as subscriber:
+                async for params in ControlReader(subscriber):
+                    self.update_params(params)
+            self.stop(EndReason.CONTROL_ENDED)
+        except ChannelGone:
+            self.stop(EndReason.CONTROL_GONE)
+        except TrickleError as exc:
+            self._error("trickle", str(exc))
+            self.stop(EndReason.TRICKLE_ERROR)
+
+    async def _deadline(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        self.stop(EndReason.DEADLINE)
+
+    async def _report(self, events: EventsWriter | None) -> None:
+        """The first event at once, then a status event every ``status_interval_s``, and whatever
+        else is queued (lifecycle, parameter updates, the processor's own events) as it comes."""
+        interval = self.settings.status_interval_s
+        await self._send_event(events, self._status_event())
+        next_status = time.monotonic() + interval
+        while True:
+            try:
+                async with asyncio.timeout(max(0.0, next_status - time.monotonic())):
+                    event, queue_event_type = await self._events.get()
+            except TimeoutError:
+                await self._send_event(events, self._status_event())
+                next_status = time.monotonic() + interval
+                continue
+            await self._send_event(events, event, queue_event_type)
+
+    async def _send_event(
+        self, events: EventsWriter | None, event: Mapping[str, Any], queue_event_type: str | None = None
+    ) -> None:
+        if events is None:
+            return
+        body = {"stream_id": self.stream_id, **event}
+        try:
+            await events.send(body, queue_event_type=queue_event_type)
+        except (ChannelGone, ChannelClosed):
+            self.stop(EndReason.OUTPUT_GONE)
+        except TrickleError as exc:
+            self._error("trickle", str(exc))
+
+    def _status_event(self) -> dict[str, Any]:
+        stats = self.statistics()
+        now = time.monotonic()
+        if self._output_rate.last is not None and now - self._output_rate.last < 2.0:
+            state = "ONLINE"
+        elif self._input_rate.last is not None and now - self._input_rate.last > 2.0:
+            state = "DEGRADED_INPUT"
+        elif self._input_rate.last is not None and self._output_rate.last is not None:
+            state = "DEGRADED_INFERENCE"
+        else:
+            state = "LOADING"
+        return {
+            "type": "status",
+            "state": state,
+            "start_time": stats.started_at_ms,
+            "input_status": {"fps": round(stats.input_fps, 2), "segments": stats.input_segments},
+            "inference_status": {
+                "fps": round(stats.output_fps, 2),
+                "last_params": stats.params,
+                "last_error": stats.last_error,
+            },
+            "frame_latency_ms": stats.as_dict()["frame_latency_ms"],
+            "dropped_frames": stats.dropped,
+            "errors": stats.errors,
+        }
+
+    async def _publish_data(self, writer: DataWriter) -> None:
+        while True:
+            lines = [await self._data.get()]
+            await asyncio.sleep(self.settings.data_batch_s)  # one segment per batch, not per message
+            while not self._data.empty():
+                lines.append(self._data.get_nowait())
+            try:
+                await writer.write_lines(b"".join(lines))
+            except (ChannelGone, ChannelClosed):
+                self.stop(EndReason.OUTPUT_GONE)
+                return
+            except TrickleError as exc:
+                self._error("trickle", str(exc))
+
+    async def _finish(self, *publishers: TricklePublisher | None) -> None:
+        """Final event, then DELETE every channel this session publishes."""
+        self._close_queues()
+        events, *others = publishers
+        if events is not None:
+            stats = self.statistics()
+            final = {"type": "stream_stopped", "reason": str(self._reason), "statistics": stats.as_dict()}
+            with contextlib.suppress(TrickleError, TimeoutError):
+                async with asyncio.timeout(self.settings.trickle.response_timeout_s):
+                    await self._send_event(EventsWriter(events), final)
+        closing = [p.close() for p in (*others, events) if p is not None]
+        await asyncio.gather(*closing, return_exceptions=True)
+        log.info("stream %s: ended (%s)", self.stream_id, self._reason)
+
+
+def _positive_float(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None
