@@ -13,7 +13,7 @@ from byoc.trickle.server import RunningTrickle, serve_trickle
 
 FAST_RETRY = RetryPolicy(max_retries=4, initial_delay_s=0.01, max_delay_s=0.05, max_elapsed_s=5.0)
 TEST_CLIENT_SETTINGS = TrickleClientSettings(
-    retry=FAST_RETRY, idle_read_timeout_s=5.0, response_timeout_s=5.0
+    retry=FAST_RETRY, idle_read_timeout_s=5.0, preconnect_refresh_s=4.0, response_timeout_s=5.0
 )
 
 

@@ -19,6 +19,14 @@ def _demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo())
 
 
+def _bench(args: argparse.Namespace) -> int:
+    if args.which == "pipeline":
+        from byoc.bench.pipeline import main as bench_pipeline
+
+        return bench_pipeline(args.rest)
+    raise SystemExit(f"unknown benchmark {args.which!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="byoc", description="Production runtime for Livepeer BYOC containers."
@@ -28,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser("demo", help="run the loopback demo")
     demo.set_defaults(handler=_demo)
+    bench = commands.add_parser("bench", help="run a benchmark (pipeline)", add_help=False)
+    bench.add_argument("which", choices=["pipeline"], help="which benchmark")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="its options (see byoc bench NAME --help)")
+    bench.set_defaults(handler=_bench)
     return parser
 
 

@@ -17,25 +17,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import enum
 import logging
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
 
 from byoc.errors import ChannelClosed, ChannelGone, ProcessorError, TrickleError
+from byoc.events import final_event, status_event
 from byoc.media.decoder import Decoder
 from byoc.media.encoder import Encoder, EncoderSettings
 from byoc.media.items import Item, ParamsItem, VideoItem
 from byoc.media.queues import Closed, StageQueue
 from byoc.processing import ProcessingWorker
 from byoc.processor import Processor, SessionContext
+from byoc.spec import EndReason, SessionSettings, StreamSpec
 from byoc.stats import LatencyWindow, RateMeter, SessionStatistics
 from byoc.trickle.channels import ControlReader, DataWriter, EventsWriter, encode_data_lines
-from byoc.trickle.client import TrickleClientSettings
 from byoc.trickle.publisher import PublishSegment, TricklePublisher
 from byoc.trickle.subscriber import TrickleSubscriber
 
@@ -44,51 +45,6 @@ __all__ = ["EndReason", "Session", "SessionObserver", "SessionSettings", "Stream
 log = logging.getLogger(__name__)
 
 current_stream_id: contextvars.ContextVar[str] = contextvars.ContextVar("stream_id", default="-")
-
-
-class EndReason(enum.StrEnum):
-    STOPPED = "stopped"
-    SHUTDOWN = "shutdown"
-    INPUT_ENDED = "input_ended"
-    INPUT_GONE = "input_gone"
-    CONTROL_ENDED = "control_ended"
-    CONTROL_GONE = "control_gone"
-    OUTPUT_GONE = "output_gone"
-    PROCESSOR_ERROR = "processor_error"
-    MEDIA_ERROR = "media_error"
-    TRICKLE_ERROR = "trickle_error"
-    DEADLINE = "deadline"
-
-
-@dataclass(frozen=True, slots=True)
-class StreamSpec:
-    """What a start request asks for (already validated)."""
-
-    stream_id: str
-    control_url: str | None
-    events_url: str | None
-    subscribe_url: str | None = None
-    publish_url: str | None = None
-    data_url: str | None = None
-    params: Mapping[str, Any] = field(default_factory=dict)
-    width: int = 512
-    height: int = 512
-    max_fps: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class SessionSettings:
-    segment_s: float = 1.0
-    preset: str = "superfast"
-    crf: int = 23
-    status_interval_s: float = 5.0
-    drain_timeout_s: float = 6.0
-    max_duration_s: float | None = None
-    max_consecutive_errors: int = 10
-    queue_capacity: int = 8
-    max_frame_age_s: float = 0.1
-    data_batch_s: float = 0.1
-    trickle: TrickleClientSettings = field(default_factory=TrickleClientSettings)
 
 
 class SessionObserver(Protocol):
@@ -111,20 +67,51 @@ _FINISHED = object()
 
 
 class _LoopSink:
-    """The encoder's output, handed to the event loop (the encoder calls this from its thread)."""
+    """The encoder's output, handed to the event loop in batches.
+
+    The encoder calls ``write``/``end``/``close`` from its thread; the loop is woken at most once per
+    batch, however many writes happened meanwhile, and takes everything at once with ``take``.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self.queue: asyncio.Queue[tuple[int, bytes | None] | object] = asyncio.Queue()
+        self._items: deque[tuple[int, bytes | None] | object] = deque()
+        self._lock = threading.Lock()
+        self._ready = asyncio.Event()
+        self._wake_pending = False
 
     def write(self, segment: int, data: bytes) -> None:
-        self._loop.call_soon_threadsafe(self.queue.put_nowait, (segment, data))
+        self._push((segment, data))
 
     def end(self, segment: int) -> None:
-        self._loop.call_soon_threadsafe(self.queue.put_nowait, (segment, None))
+        self._push((segment, None))
 
     def close(self) -> None:
-        self._loop.call_soon_threadsafe(self.queue.put_nowait, _FINISHED)
+        self._push(_FINISHED)
+
+    def _push(self, item: tuple[int, bytes | None] | object) -> None:
+        with self._lock:
+            self._items.append(item)
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._wake_pending = False
+        self._ready.set()
+
+    async def take(self) -> list[tuple[int, bytes | None] | object]:
+        """Everything written since the last call (waits for something)."""
+        while True:
+            with self._lock:
+                if self._items:
+                    items = list(self._items)
+                    self._items.clear()
+                    return items
+                self._ready.clear()
+            await self._ready.wait()
 
 
 class Session:
@@ -314,14 +301,23 @@ class Session:
                 stage.start()
         try:
             async with asyncio.TaskGroup() as tasks:
-                background = [tasks.create_task(self._report(EventsWriter(events) if events else None))]
-                background.append(tasks.create_task(self._enforce_drain_deadline()))
+                name = self.stream_id
+                background = [
+                    tasks.create_task(
+                        self._report(EventsWriter(events) if events else None), name=f"{name}:events"
+                    ),
+                    tasks.create_task(self._enforce_drain_deadline(), name=f"{name}:drain-deadline"),
+                ]
                 if self.spec.control_url:
-                    background.append(tasks.create_task(self._watch_control(self.spec.control_url)))
+                    control = self._watch_control(self.spec.control_url)
+                    background.append(tasks.create_task(control, name=f"{name}:control"))
                 if data is not None:
-                    background.append(tasks.create_task(self._publish_data(DataWriter(data))))
+                    background.append(
+                        tasks.create_task(self._publish_data(DataWriter(data)), name=f"{name}:data")
+                    )
                 if self.settings.max_duration_s:
-                    background.append(tasks.create_task(self._deadline(self.settings.max_duration_s)))
+                    deadline = self._deadline(self.settings.max_duration_s)
+                    background.append(tasks.create_task(deadline, name=f"{name}:deadline"))
                 self._state = "running"
                 try:
                     await self._run_pipeline(output)
@@ -343,8 +339,9 @@ class Session:
     async def _run_pipeline(self, output: TricklePublisher | None) -> None:
         """Media until the pipeline has drained (without input: until a stop)."""
         async with asyncio.TaskGroup() as tasks:
-            pump = tasks.create_task(self._pump_input()) if self._decoder else None
-            cut = tasks.create_task(self._cut_input_on_stop(pump))
+            name = self.stream_id
+            pump = tasks.create_task(self._pump_input(), name=f"{name}:input") if self._decoder else None
+            cut = tasks.create_task(self._cut_input_on_stop(pump), name=f"{name}:stop-input")
             try:
                 if self._encoder is not None and output is not None:
                     await self._pump_output(output)
@@ -427,35 +424,38 @@ class Session:
         """Publish the encoder's segments as their bytes arrive, until the encoder has finished."""
         segment: PublishSegment | None = None
         failed = False
-        while (item := await self._sink.queue.get()) is not _FINISHED:
-            assert isinstance(item, tuple)
-            _, data = item
-            if failed:
-                continue
-            try:
-                if segment is None:
-                    segment = output.segment()
-                    await segment.open()
-                if data is not None:
-                    await segment.write(data)
-                    self._output_bytes += len(data)
+        while True:
+            for item in _coalesce(await self._sink.take()):
+                if item is _FINISHED:
+                    if segment is not None:
+                        await segment.abort()
+                    return
+                if failed:
                     continue
-                await segment.finish()
-                segment = None
-                self._output_segments += 1
-                if self._output_segments == 1:
-                    self.send_event({"type": "send_first_processed_segment"}, "stream_trace")
-            except (ChannelGone, ChannelClosed):
-                failed = True
-                self.stop(EndReason.OUTPUT_GONE)
-                self._close_queues()
-            except TrickleError as exc:
-                failed = True
-                self._error("trickle", str(exc))
-                self.stop(EndReason.TRICKLE_ERROR)
-                self._close_queues()
-        if segment is not None:
-            await segment.abort()
+                assert isinstance(item, tuple)
+                data = item[1]
+                try:
+                    if segment is None:
+                        segment = output.segment()
+                        await segment.open()
+                    if data is not None:
+                        await segment.write(data)
+                        self._output_bytes += len(data)
+                        continue
+                    await segment.finish()
+                    segment = None
+                    self._output_segments += 1
+                    if self._output_segments == 1:
+                        self.send_event({"type": "send_first_processed_segment"}, "stream_trace")
+                except (ChannelGone, ChannelClosed):
+                    failed = True
+                    self.stop(EndReason.OUTPUT_GONE)
+                    self._close_queues()
+                except TrickleError as exc:
+                    failed = True
+                    self._error("trickle", str(exc))
+                    self.stop(EndReason.TRICKLE_ERROR)
+                    self._close_queues()
 
     async def _watch_control(self, url: str) -> None:
         try:
@@ -505,30 +505,10 @@ class Session:
             self._error("trickle", str(exc))
 
     def _status_event(self) -> dict[str, Any]:
-        stats = self.statistics()
         now = time.monotonic()
-        if self._output_rate.last is not None and now - self._output_rate.last < 2.0:
-            state = "ONLINE"
-        elif self._input_rate.last is not None and now - self._input_rate.last > 2.0:
-            state = "DEGRADED_INPUT"
-        elif self._input_rate.last is not None and self._output_rate.last is not None:
-            state = "DEGRADED_INFERENCE"
-        else:
-            state = "LOADING"
-        return {
-            "type": "status",
-            "state": state,
-            "start_time": stats.started_at_ms,
-            "input_status": {"fps": round(stats.input_fps, 2), "segments": stats.input_segments},
-            "inference_status": {
-                "fps": round(stats.output_fps, 2),
-                "last_params": stats.params,
-                "last_error": stats.last_error,
-            },
-            "frame_latency_ms": stats.as_dict()["frame_latency_ms"],
-            "dropped_frames": stats.dropped,
-            "errors": stats.errors,
-        }
+        return status_event(
+            self.statistics(), _since(now, self._input_rate.last), _since(now, self._output_rate.last)
+        )
 
     async def _publish_data(self, writer: DataWriter) -> None:
         while True:
@@ -550,13 +530,38 @@ class Session:
         events, *others = publishers
         if events is not None:
             stats = self.statistics()
-            final = {"type": "stream_stopped", "reason": str(self._reason), "statistics": stats.as_dict()}
+            final = final_event(stats, str(self._reason))
             with contextlib.suppress(TrickleError, TimeoutError):
                 async with asyncio.timeout(self.settings.trickle.response_timeout_s):
                     await self._send_event(EventsWriter(events), final)
         closing = [p.close() for p in (*others, events) if p is not None]
         await asyncio.gather(*closing, return_exceptions=True)
+        for stage in (self._decoder, self._worker, self._encoder):
+            if stage is not None and stage.running:  # finishing now, unless it hangs in user code
+                await asyncio.to_thread(stage.join, 1.0)
         log.info("stream %s: ended (%s)", self.stream_id, self._reason)
+
+
+def _coalesce(items: list[tuple[int, bytes | None] | object]) -> list[tuple[int, bytes | None] | object]:
+    """Join consecutive writes to the same segment into one."""
+    out: list[tuple[int, bytes | None] | object] = []
+    for item in items:
+        previous = out[-1] if out else None
+        if (
+            isinstance(item, tuple)
+            and isinstance(previous, tuple)
+            and item[1] is not None
+            and previous[1] is not None
+            and previous[0] == item[0]
+        ):
+            out[-1] = (item[0], previous[1] + item[1])
+        else:
+            out.append(item)
+    return out
+
+
+def _since(now: float, moment: float | None) -> float | None:
+    return None if moment is None else now - moment
 
 
 def _positive_float(value: Any) -> float | None:

@@ -28,7 +28,7 @@ from byoc.errors import MediaError
 from byoc.media.items import TIME_BASE, AudioItem, Boundary, InputInfo, Item, VideoItem
 from byoc.media.queues import Closed, StageQueue
 
-__all__ = ["MAX_SEGMENT_S", "Encoder", "EncoderSettings", "EncoderStatistics", "OutputSink"]
+__all__ = ["MAX_SEGMENT_S", "Encoder", "EncoderSettings", "EncoderStatistics", "OutputSink", "x264_options"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,17 @@ class EncoderStatistics:
     segments_out: int
     bytes_out: int
     errors: int
+
+
+def x264_options(settings: EncoderSettings) -> dict[str, str]:
+    """libx264 options for live segments: zero latency, no B-frames, IDRs only where forced."""
+    return {
+        "preset": settings.preset,
+        "tune": "zerolatency",
+        "crf": str(settings.crf),
+        "forced-idr": "1",
+        "x264-params": "bframes=0:keyint=infinite:scenecut=0",
+    }
 
 
 def _ends_before(frame: av.AudioFrame, pts: int) -> bool:
@@ -231,14 +242,7 @@ class Encoder:
             encoder.width, encoder.height, encoder.pix_fmt = s.width, s.height, "yuv420p"
             encoder.time_base, encoder.framerate = TIME_BASE, Fraction(s.fps, 1)
             encoder.thread_count = 1
-            encoder.options = {
-                "preset": s.preset,
-                "tune": "zerolatency",
-                "crf": str(s.crf),
-                "forced-idr": "1",
-                # IDRs only where a segment starts; no B-frames
-                "x264-params": "bframes=0:keyint=infinite:scenecut=0",
-            }
+            encoder.options = x264_options(s)
             self._video = encoder
             if self._want_audio:
                 self._audio = self._audio_encoder()

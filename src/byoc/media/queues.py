@@ -1,10 +1,12 @@
 """Thread-safe queues between the media stages.
 
-Live video never queues up: a :class:`StageQueue` drops a video frame that has waited longer than
-``max_age_s`` when a newer one is already behind it (the newest frame wins), and drops the oldest video
-frame when ``capacity`` video frames are waiting. Frames that keep up are never dropped, not even in a
-burst (the decoder flushing at the end of a stream), so a processor that keeps up loses nothing.
-Other items (audio, parameter updates) are never dropped and keep their order relative to video.
+Live video never queues up. When the consumer takes a frame, a :class:`StageQueue` skips it if a newer
+frame is already waiting and the frame would be older than ``max_age_s`` by the time the consumer is
+done with it (its age plus the consumer's recent time per frame): a consumer slower than the input
+always gets the newest frame. A consumer that keeps up loses nothing, not even in a burst (a whole
+segment arriving at once, the decoder flushing at the end of a stream). ``capacity`` bounds the memory
+held in any case: past it, the oldest frame is dropped. Other items (audio, boundaries, parameter
+updates) are never dropped and keep their order relative to the frames.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class StageQueue(Generic[T]):
     def __init__(
         self,
         *,
-        capacity: int = 8,
+        capacity: int = 16,
         max_age_s: float = 0.1,
         on_drop: Callable[[T], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -54,6 +56,8 @@ class StageQueue(Generic[T]):
         self._closed = False
         self._cond = threading.Condition()
         self._waker: Callable[[], None] | None = None
+        self._service_s = 0.0  # the consumer's recent time per frame
+        self._handed_out_at: float | None = None
         self.dropped = 0
 
     def set_waker(self, waker: Callable[[], None] | None) -> None:
@@ -77,6 +81,7 @@ class StageQueue(Generic[T]):
         """The next item, waiting for one. Raises Closed at the end, TimeoutError on timeout."""
         dropped: list[T] = []
         with self._cond:
+            self._consumer_back()
             if not self._cond.wait_for(lambda: self._entries or self._closed, timeout):
                 raise TimeoutError
             try:
@@ -88,6 +93,7 @@ class StageQueue(Generic[T]):
         """The next item if one is waiting, else None. Raises Closed at the end."""
         dropped: list[T] = []
         with self._cond:
+            self._consumer_back()
             try:
                 return self._pop(dropped) if self._entries or self._closed else None
             finally:
@@ -106,20 +112,29 @@ class StageQueue(Generic[T]):
 
     # --- internals (called with the lock held, except _after) ----------------------------------
 
+    def _consumer_back(self) -> None:
+        """The consumer asks again: it was busy with the last frame since it was handed out."""
+        if self._handed_out_at is not None:
+            busy = self._clock() - self._handed_out_at
+            self._service_s = busy if self._service_s == 0.0 else 0.7 * self._service_s + 0.3 * busy
+            self._handed_out_at = None
+
     def _pop(self, dropped: list[T]) -> T:
+        now = self._clock()
         if not self._entries:
             raise Closed("queue closed")
-        now = self._clock()
         while True:
             entry = self._entries[0]
-            stale = entry.droppable and now - entry.enqueued_at > self._max_age
-            if stale and self._droppable > 1:
+            late = entry.droppable and now - entry.enqueued_at + self._service_s > self._max_age
+            if late and self._droppable > 1:
                 self._entries.popleft()
                 self._droppable -= 1
                 dropped.append(entry.item)
                 continue
             self._entries.popleft()
             self._droppable -= entry.droppable
+            if entry.droppable:
+                self._handed_out_at = now
             return entry.item
 
     def _remove_oldest_droppable(self) -> T:

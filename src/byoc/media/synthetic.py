@@ -9,18 +9,25 @@ publisher can send every frame when it is due, as a live encoder would.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import io
 import math
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
+from typing import Any, Protocol
 
 import av
 import numpy as np
 
-__all__ = ["INDEX_BITS", "SyntheticStream", "pattern", "read_frame_index"]
+
+class _SegmentPublisher(Protocol):
+    def segment(self) -> Any: ...
+
+
+__all__ = ["INDEX_BITS", "SyntheticStream", "pattern", "publish_live", "read_frame_index"]
 
 INDEX_BITS = 16
 _ROWS = 2  # the index, then its complement as a check
@@ -212,3 +219,29 @@ def _with_adts_header(packet: av.Packet[Any], rate: int) -> av.Packet[Any]:
     framed = av.Packet(header + payload)
     framed.pts, framed.dts, framed.time_base = packet.pts, packet.dts, packet.time_base
     return framed
+
+
+async def publish_live(
+    publisher: _SegmentPublisher,
+    segments: Sequence[list[bytes]],
+    *,
+    fps: float = 30.0,
+    realtime: bool = True,
+    clock: Callable[[], float] = time.monotonic,
+) -> list[float]:
+    """Publish segments as a live encoder would: each frame's bytes when the frame is due.
+
+    Returns the time (``clock()``) at which each segment was complete.
+    """
+    ends: list[float] = []
+    start = clock()
+    frame = 0
+    for chunks in segments:
+        async with publisher.segment() as segment:
+            for chunk in chunks:
+                if realtime:
+                    await asyncio.sleep(max(0.0, start + frame / fps - clock()))
+                await segment.write(chunk)
+                frame += 1
+        ends.append(clock())
+    return ends

@@ -40,6 +40,13 @@ class TrickleClientSettings:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     verify_tls: bool = True
 
+    def __post_init__(self) -> None:
+        if not 0 < self.preconnect_refresh_s < self.idle_read_timeout_s:
+            raise ValueError(
+                "preconnect_refresh_s must be positive and below idle_read_timeout_s "
+                f"(got {self.preconnect_refresh_s} and {self.idle_read_timeout_s})"
+            )
+
 
 def _warn_insecure_once() -> None:
     global _insecure_warned

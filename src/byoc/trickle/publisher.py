@@ -99,11 +99,16 @@ class _BodyFeed:
         self.stop_readers()
         return self._read(self._generation)
 
+    def _take_all(self) -> bytes:
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        return data
+
     async def _read(self, generation: int) -> AsyncIterator[bytes]:
         yield b""  # an empty write sends the request headers now: the server sees the POST early
         while generation == self._generation:
             if self._chunks:
-                chunk = self._chunks.popleft()
+                chunk = self._chunks.popleft() if len(self._chunks) == 1 else self._take_all()
                 self.buffered -= len(chunk)
                 self.sent += len(chunk)
                 if self.buffered <= _HIGH_WATER_BYTES:

@@ -81,11 +81,9 @@ class SubscribedSegment:
     async def chunks(self) -> AsyncIterator[bytes]:
         """The segment's bytes, as they arrive."""
         skip = 0
-        idle = self._owner.settings.idle_read_timeout_s
         while self._response is not None:
-            try:
-                async with asyncio.timeout(idle):
-                    chunk = await self._response.content.readany()
+            try:  # a silence longer than idle_read_timeout_s raises (aiohttp's sock_read timeout)
+                chunk = await self._response.content.readany()
             except _TRANSPORT_ERRORS as exc:
                 log.info(
                     "segment %s of %s broke off after %d bytes: %r",
@@ -150,6 +148,13 @@ class TrickleSubscriber:
         self._current: SubscribedSegment | None = None
         self._preconnect: tuple[int, asyncio.Task[aiohttp.ClientResponse]] | None = None
         self._segments = self._bytes = self._jumps = self._retries = self._restarts = self._refreshes = 0
+        # No total timeout: a GET may wait long for its first byte (the refresh above bounds that);
+        # once a body flows, a gap longer than idle_read_timeout_s means the connection is dead.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=self.settings.connect_timeout_s,
+            sock_read=self.settings.idle_read_timeout_s,
+        )
 
     async def __aenter__(self) -> Self:
         return self
@@ -256,7 +261,7 @@ class TrickleSubscriber:
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.preconnect_refresh_s) as timeout:
-                    return await self._session.get(url)
+                    return await self._session.get(url, timeout=self._timeout)
             if not timeout.expired():
                 raise TimeoutError(f"connect timeout for {url}")
             self._refreshes += 1

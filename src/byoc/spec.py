@@ -1,0 +1,57 @@
+"""What a session is asked to do, with which settings, and why it ended."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from byoc.trickle.client import TrickleClientSettings
+
+__all__ = ["EndReason", "SessionSettings", "StreamSpec"]
+
+
+class EndReason(enum.StrEnum):
+    STOPPED = "stopped"
+    SHUTDOWN = "shutdown"
+    INPUT_ENDED = "input_ended"
+    INPUT_GONE = "input_gone"
+    CONTROL_ENDED = "control_ended"
+    CONTROL_GONE = "control_gone"
+    OUTPUT_GONE = "output_gone"
+    PROCESSOR_ERROR = "processor_error"
+    MEDIA_ERROR = "media_error"
+    TRICKLE_ERROR = "trickle_error"
+    DEADLINE = "deadline"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSpec:
+    """What a start request asks for (already validated)."""
+
+    stream_id: str
+    control_url: str | None
+    events_url: str | None
+    subscribe_url: str | None = None
+    publish_url: str | None = None
+    data_url: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    width: int = 512
+    height: int = 512
+    max_fps: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    segment_s: float = 1.0
+    preset: str = "superfast"
+    crf: int = 23
+    status_interval_s: float = 5.0
+    drain_timeout_s: float = 6.0
+    max_duration_s: float | None = None
+    max_consecutive_errors: int = 10
+    queue_capacity: int = 8
+    max_frame_age_s: float = 0.1
+    data_batch_s: float = 0.1
+    trickle: TrickleClientSettings = field(default_factory=TrickleClientSettings)

@@ -1,0 +1,24 @@
+"""The pipeline benchmark runs end to end (its figures are for the README, not asserted here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_pipeline_reports_both_measurements() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "byoc", "bench", "pipeline", "--seconds", "2", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["frames_in"] == 60
+    assert report["frames_out"] == 60
+    assert report["session_cpu_ms_per_frame"] > 0
+    assert report["raw_cpu_ms_per_frame"] > 0
+    assert abs(report["ratio"] - report["session_cpu_ms_per_frame"] / report["raw_cpu_ms_per_frame"]) < 0.01
+    assert report["added_latency_ms_p50"] > 0

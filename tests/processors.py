@@ -1,0 +1,66 @@
+"""Processors that misbehave on purpose, for tests (loadable as ``tests.processors:Name``)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from byoc.processor import Frame, Processor, SessionContext
+
+
+class Failing(Processor):
+    """Raises on every frame."""
+
+    def process(self, frame: Frame, session: SessionContext) -> Frame:
+        raise RuntimeError(f"cannot process frame {frame.index}")
+
+
+class FailingStart(Processor):
+    """Refuses to start a session."""
+
+    def on_start(self, session: SessionContext) -> None:
+        raise RuntimeError("no room for another session")
+
+
+class Recording(Processor):
+    """Records hook calls, emits data and a custom event, drops every 'drop_every'-th frame."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+
+    def _note(self, hook: str, session: SessionContext) -> None:
+        with self.lock:
+            self.calls.append((hook, session.session_id))
+
+    def on_start(self, session: SessionContext) -> None:
+        self._note("on_start", session)
+        session.state["seen"] = 0
+
+    def on_params(self, session: SessionContext, params: Mapping[str, Any]) -> None:
+        self._note("on_params", session)
+
+    def process(self, frame: Frame, session: SessionContext) -> Frame | None:
+        session.state["seen"] += 1
+        if session.state["seen"] == 1:
+            session.send_data({"first_frame": frame.index, "params": dict(session.params)})
+            session.send_event({"type": "custom", "frame": frame.index})
+        every = int(session.params.get("drop_every", 0))
+        if every and frame.index % every == 0:
+            return None
+        return frame
+
+    def on_stop(self, session: SessionContext) -> None:
+        self._note("on_stop", session)
+
+
+class Hanging(Processor):
+    """Never returns from process() until released."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def process(self, frame: Frame, session: SessionContext) -> Frame:
+        self.release.wait()
+        return frame

@@ -1,0 +1,174 @@
+"""Test support: one stream's channels on a byoc trickle server, and readers of what a session publishes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import aiohttp
+import av
+import numpy as np
+
+from byoc.media.synthetic import SyntheticStream, read_frame_index
+from byoc.spec import StreamSpec
+from byoc.trickle.protocol import channel_url
+from byoc.trickle.publisher import TricklePublisher
+from byoc.trickle.server import RunningTrickle
+from byoc.trickle.subscriber import TrickleSubscriber
+from tests.conftest import TEST_CLIENT_SETTINGS
+
+PSI_PIDS = {0x0000, 0x0011, 0x1000}
+
+
+@dataclass(frozen=True)
+class OutputSegment:
+    seq: int
+    data: bytes
+    ended_at: float
+
+
+@dataclass(frozen=True)
+class DecodedFrame:
+    index: int | None
+    pts: int
+    width: int
+    height: int
+    rgb: np.ndarray = field(repr=False)
+
+
+def make_segments(
+    count: int, *, frames: int = 30, audio: str | None = None, **kwargs: Any
+) -> list[list[bytes]]:
+    stream = SyntheticStream(segment_frames=frames, audio=audio, **kwargs)
+    return [stream.segment() for _ in range(count)]
+
+
+def garbage_video_segment(pid: int = 0x100, packets: int = 100, seed: int = 7) -> list[bytes]:
+    """A segment of TS packets on the video PID whose PES payloads are random H.264-looking bytes."""
+    rng = np.random.default_rng(seed)
+    out = bytearray()
+    for i in range(packets):
+        pts = 5_000_000 + i * 3000
+        pts_field = [0x21 | ((pts >> 29) & 0x0E), (pts >> 22) & 0xFF, 0x01 | ((pts >> 14) & 0xFE)]
+        pts_field += [(pts >> 7) & 0xFF, 0x01 | ((pts << 1) & 0xFE)]
+        header = bytes([0, 0, 1, 0xE0, 0, 0, 0x80, 0x80, 5, *pts_field])
+        body = header + b"\x00\x00\x00\x01\x65"
+        body += rng.integers(0, 256, 184 - len(body), dtype=np.uint8).tobytes()
+        out += bytes([0x47, 0x40 | (pid >> 8), pid & 0xFF, 0x10 | (i & 0xF)]) + body
+    return [bytes(out)]
+
+
+def first_ts_pid(segment: bytes) -> int:
+    return ((segment[1] & 0x1F) << 8) | segment[2]
+
+
+def first_video_is_keyframe(segment: bytes) -> bool:
+    with av.open(io.BytesIO(segment), mode="r") as container:
+        for packet in container.demux(video=0):
+            if packet.size:
+                return bool(packet.is_keyframe)
+    return False
+
+
+def decode(data: bytes, *, inverted: bool = False) -> tuple[list[DecodedFrame], list[str]]:
+    """Every video frame of a TS byte string, and the names of its audio codecs."""
+    frames = []
+    with av.open(io.BytesIO(data), mode="r") as container:
+        audio = [s.codec_context.name for s in container.streams.audio]
+        for frame in container.decode(video=0):
+            rgb = frame.to_ndarray(format="rgb24")
+            index = read_frame_index(rgb, inverted=inverted)
+            frames.append(DecodedFrame(index, int(frame.pts or 0), frame.width, frame.height, rgb))
+    return frames, audio
+
+
+class StreamHarness:
+    """The channels of one stream (created as the orchestrator would) and readers of its outputs."""
+
+    def __init__(
+        self, trickle: RunningTrickle, http: aiohttp.ClientSession, name: str = "s1", *, data: bool = False
+    ) -> None:
+        self.trickle = trickle
+        self.server = trickle.server
+        self.http = http
+        self.name = name
+        self.channels = {
+            "subscribe": (name, "video/MP2T"),
+            "publish": (f"{name}-out", "video/MP2T"),
+            "control": (f"{name}-control", "application/json"),
+            "events": (f"{name}-events", "application/json"),
+        }
+        if data:
+            self.channels["data"] = (f"{name}-data", "application/jsonl")
+        for channel, mime in self.channels.values():
+            self.server.create_channel(channel, mime)
+        self.output: list[OutputSegment] = []
+        self.events: list[dict[str, Any]] = []
+        self.data_lines: list[Any] = []
+        self.input = TricklePublisher(self.url("subscribe"), session=http, settings=TEST_CLIENT_SETTINGS)
+        self.control = TricklePublisher(
+            self.url("control"), session=http, mime_type="application/json", settings=TEST_CLIENT_SETTINGS
+        )
+        self._readers: list[asyncio.Task[None]] = []
+
+    def url(self, role: str) -> str:
+        return channel_url(self.trickle.base_url, self.channels[role][0])
+
+    def spec(self, **overrides: Any) -> StreamSpec:
+        urls = {f"{role}_url": self.url(role) for role in self.channels}
+        return StreamSpec(stream_id=self.name, **{**urls, **overrides})
+
+    async def __aenter__(self) -> Self:
+        self._readers.append(asyncio.create_task(self._read("publish", self._on_output)))
+        self._readers.append(asyncio.create_task(self._read("events", self._on_event)))
+        if "data" in self.channels:
+            self._readers.append(asyncio.create_task(self._read("data", self._on_data)))
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for reader in self._readers:
+            reader.cancel()
+        await asyncio.gather(*self._readers, return_exceptions=True)
+        await asyncio.gather(self.input.close(), self.control.close())
+
+    async def readers_done(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        """Wait until every reader saw its channel end (the session DELETEs what it publishes)."""
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*self._readers)
+
+    async def publish(self, segments: Sequence[list[bytes]], *, realtime: bool = True) -> list[float]:
+        from byoc.media.synthetic import publish_live
+
+        return await publish_live(self.input, segments, realtime=realtime)
+
+    async def _read(self, role: str, handle: Any) -> None:
+        async with TrickleSubscriber(
+            self.url(role), session=self.http, start_seq=0, settings=TEST_CLIENT_SETTINGS
+        ) as sub:
+            with contextlib.suppress(Exception):
+                async for segment in sub:
+                    handle(segment.seq, await segment.read())
+
+    def _on_output(self, seq: int, data: bytes) -> None:
+        self.output.append(OutputSegment(seq, data, time.monotonic()))
+
+    def _on_event(self, seq: int, data: bytes) -> None:
+        self.events.append(json.loads(data))
+
+    def _on_data(self, seq: int, data: bytes) -> None:
+        self.data_lines.extend(json.loads(line) for line in data.splitlines() if line)
+
+    def event_types(self) -> list[str]:
+        return [str(e["event"].get("type")) for e in self.events]
+
+    def output_bytes(self) -> bytes:
+        return b"".join(segment.data for segment in self.output)

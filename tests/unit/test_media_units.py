@@ -1,0 +1,83 @@
+"""Media helpers: TS flush packets, the frame index code, fitting frames, timestamps."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+
+from byoc.media.decoder import FrameFitter, _Timestamps
+from byoc.media.encoder import EncoderSettings
+from byoc.media.synthetic import SyntheticStream, pattern, read_frame_index
+from byoc.media.ts import FLUSH_ACCESS_UNIT, PACKET_SIZE, first_video_pts, video_flush_packets
+
+
+def test_flush_packets_are_two_ts_packets_with_an_access_unit_delimiter() -> None:
+    data = video_flush_packets(0x100)
+    assert len(data) == 2 * PACKET_SIZE
+    for packet in (data[:PACKET_SIZE], data[PACKET_SIZE:]):
+        assert packet[0] == 0x47
+        assert ((packet[1] & 0x1F) << 8 | packet[2]) == 0x100
+        assert packet[1] & 0x40  # starts a PES
+        assert packet[5] & 0x80  # discontinuity indicator
+        assert packet.endswith(FLUSH_ACCESS_UNIT)
+    with pytest.raises(ValueError, match="PID"):
+        video_flush_packets(0x2000)
+
+
+def test_first_video_pts_reads_the_segment_start() -> None:
+    stream = SyntheticStream(width=64, height=64, segment_frames=5, audio="aac")
+    first = b"".join(stream.segment())
+    second = b"".join(stream.segment())
+    assert first_video_pts(first, 0x100) == stream.start_pts
+    assert first_video_pts(second, 0x100) == stream.start_pts + 5 * stream.frame_ticks
+    assert first_video_pts(second, 0x999) is None
+    assert first_video_pts(b"\x00" * 400, 0x100) is None
+
+
+@pytest.mark.parametrize("index", [0, 1, 77, 65535])
+def test_frame_index_survives_encoding(index: int) -> None:
+    rgb = pattern(index, 512, 512)
+    assert read_frame_index(rgb) == index
+    assert read_frame_index(255 - rgb, inverted=True) == index
+    frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+    assert read_frame_index(frame.to_ndarray(format="rgb24")) == index
+
+
+def test_unreadable_index_is_none() -> None:
+    assert read_frame_index(np.full((512, 512, 3), 128, np.uint8)) is None
+
+
+@pytest.mark.parametrize(
+    ("size", "target"), [((640, 360), (512, 512)), ((512, 512), (256, 128)), ((64, 64), (64, 64))]
+)
+def test_frame_fitter_covers_and_crops(size: tuple[int, int], target: tuple[int, int]) -> None:
+    frame = av.VideoFrame(*size, "yuv420p")
+    frame.pts, frame.time_base = 9000, Fraction(1, 90000)
+    fitted = FrameFitter(*target).fit(frame)
+    assert (fitted.width, fitted.height) == target
+    assert fitted.pts == 9000
+
+
+@pytest.mark.parametrize(
+    ("inputs", "expected"),
+    [
+        ([0, 3000, 6000], [0, 3000, 6000]),  # pass through
+        ([0, 3000, 3000, 6000], [0, 3000, None, 6000]),  # a repeated frame is rejected
+        ([90000, 93000, 10, 3010], [90000, 93000, 96000, 99000]),  # the clock restarted: re-based
+        ([0, 3000, 5_000_000, 5_003_000], [0, 3000, 6000, 9000]),  # a wild jump forward: re-based
+    ],
+)
+def test_timestamps_stay_strictly_increasing(inputs: list[int], expected: list[int | None]) -> None:
+    timestamps = _Timestamps()
+    assert [timestamps.output_pts(pts) for pts in inputs] == expected
+
+
+@pytest.mark.parametrize(("width", "height", "segment_s"), [(511, 512, 1.0), (512, 512, 2.5), (0, 512, 1.0)])
+def test_encoder_settings_refuse_what_h264_or_live_cannot_do(
+    width: int, height: int, segment_s: float
+) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        EncoderSettings(width, height, segment_s=segment_s)
