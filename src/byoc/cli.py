@@ -1,54 +1,73 @@
-"""The ``byoc`` command line."""
+"""The ``byoc`` command line: ``byoc COMMAND [options]``; every command has its own ``--help``."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from byoc import __version__
 
-__all__ = ["main"]
+__all__ = ["COMMANDS", "main"]
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _serve(argv: Sequence[str]) -> int:
+    from byoc.config import settings_from
+    from byoc.errors import ConfigError
+    from byoc.logs import configure_logging
+    from byoc.runtime import Runtime
+
+    try:
+        settings = settings_from(argv)
+    except ConfigError as exc:
+        print(f"byoc serve: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    return asyncio.run(Runtime(settings).serve())
+
+
+def _demo(argv: Sequence[str]) -> int:
     from byoc.trickle.__main__ import run_demo
 
     return asyncio.run(run_demo())
 
 
-def _bench(args: argparse.Namespace) -> int:
-    if args.which == "pipeline":
-        from byoc.bench.pipeline import main as bench_pipeline
+def _bench(argv: Sequence[str]) -> int:
+    benchmarks = {"pipeline": "byoc.bench.pipeline"}
+    if not argv or argv[0] not in benchmarks:
+        print(f"usage: byoc bench {{{','.join(benchmarks)}}} [options]", file=sys.stderr)
+        return 2
+    module = __import__(benchmarks[argv[0]], fromlist=["main"])
+    return int(module.main(list(argv[1:])))
 
-        return bench_pipeline(args.rest)
-    raise SystemExit(f"unknown benchmark {args.which!r}")
+
+COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "serve": (_serve, "run the container: sessions, admission, health, metrics, drain, registration"),
+    "demo": (_demo, "run the demo"),
+    "bench": (_bench, "run a benchmark: pipeline"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="byoc", description="Production runtime for Livepeer BYOC containers."
-    )
-    parser.add_argument("--version", action="version", version=f"byoc {__version__}")
-    parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = commands.add_parser("demo", help="run the loopback demo")
-    demo.set_defaults(handler=_demo)
-    bench = commands.add_parser("bench", help="run a benchmark (pipeline)", add_help=False)
-    bench.add_argument("which", choices=["pipeline"], help="which benchmark")
-    bench.add_argument("rest", nargs=argparse.REMAINDER, help="its options (see byoc bench NAME --help)")
-    bench.set_defaults(handler=_bench)
-    return parser
+def _usage() -> str:
+    lines = [f"usage: byoc COMMAND [options]   (byoc {__version__})", "", "commands:"]
+    lines += [f"  {name:<12} {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += ["", "byoc COMMAND --help shows a command's options."]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    return int(args.handler(args))
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if args else 2
+    if args[0] == "--version":
+        print(f"byoc {__version__}")
+        return 0
+    command = COMMANDS.get(args[0])
+    if command is None:
+        print(f"byoc: unknown command {args[0]!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    return command[0](args[1:])
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Every error byoc raises on purpose derives from :class:`ByocError`::
     ByocError
     ├── ConfigError                  bad settings or a processor reference that cannot be loaded
     │   └── ProcessorLoadError       "package.module:attr" failed to import or resolve
+    ├── InvalidRequest               a request to the container is malformed (HTTP 400); ``field`` names what
     ├── TrickleError                 the trickle protocol went wrong for one channel
     │   ├── ChannelGone              404: the channel does not exist (never did, deleted, swept)
     │   ├── ChannelClosed            a publisher found the channel closed (Lp-Trickle-Closed)
@@ -27,6 +28,7 @@ __all__ = [
     "ChannelGone",
     "ConfigError",
     "DataLineTooLong",
+    "InvalidRequest",
     "MediaError",
     "ProcessorError",
     "ProcessorLoadError",
@@ -48,6 +50,15 @@ class ConfigError(ByocError):
 
 class ProcessorLoadError(ConfigError):
     """A ``package.module:attr`` reference could not be imported or resolved."""
+
+
+class InvalidRequest(ByocError):
+    """A request body or header is malformed; ``field`` names the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
 
 
 class TrickleError(ByocError):

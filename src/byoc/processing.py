@@ -15,6 +15,7 @@ import asyncio
 import inspect
 import logging
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,7 @@ from byoc.media.items import TIME_BASE, AudioItem, Item, ParamsItem, VideoItem
 from byoc.media.queues import Closed, StageQueue
 from byoc.processor import Frame, Processor, SessionContext, is_async_hook
 
-__all__ = ["ProcessingStatistics", "ProcessingWorker", "to_video_frame"]
+__all__ = ["ProcessingStatistics", "ProcessingWorker", "error_kind", "to_video_frame"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class ProcessingWorker:
         on_error: Callable[[str], None] | None = None,
         on_started: Callable[[], None] | None = None,
         on_exit: Callable[[], None] | None = None,
+        on_processed: Callable[[float], None] | None = None,
     ) -> None:
         self._processor = processor
         self._context = context
@@ -90,6 +92,7 @@ class ProcessingWorker:
         self._on_error = on_error or (lambda kind: None)
         self._on_started = on_started or (lambda: None)
         self._on_exit = on_exit or (lambda: None)
+        self._on_processed = on_processed or (lambda seconds: None)
         self._custom_audio = type(processor).process_audio is not Processor.process_audio
         hooks = (
             processor.process,
@@ -190,12 +193,14 @@ class ProcessingWorker:
         processor, context = self._processor, self._context
         if isinstance(item, VideoItem):
             self._frames_in += 1
+            started = time.perf_counter()
             try:
                 result = await _resolve(processor.process(Frame(item.frame, item.index), context))
                 frame = to_video_frame(result, item.frame)
             except Exception as exc:
                 self._failed(exc)
                 return
+            self._on_processed(time.perf_counter() - started)
             self._consecutive = 0
             if frame is None:
                 self._dropped += 1
@@ -229,7 +234,7 @@ class ProcessingWorker:
         self._errors += 1
         self._consecutive += 1
         self._last_error = f"{type(exc).__name__}: {exc}"
-        self._on_error("process")
+        self._on_error(error_kind(exc))
         if self._errors == 1 or self._errors % 100 == 0:
             log.error("processor failed (%d so far)", self._errors, exc_info=exc)
         if self._consecutive > self._max_errors:
@@ -240,6 +245,17 @@ class ProcessingWorker:
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:
     loop.call_soon_threadsafe(callback)
+
+
+def error_kind(exc: BaseException) -> str:
+    """``oom`` for GPU (or host) out-of-memory failures, ``process`` for anything else a processor raised."""
+    if (
+        isinstance(exc, MemoryError)
+        or type(exc).__name__ == "OutOfMemoryError"
+        or "out of memory" in str(exc)
+    ):
+        return "oom"
+    return "process"
 
 
 async def _resolve(result: Any) -> Any:

@@ -52,11 +52,16 @@ class SessionObserver(Protocol):
 
     def frame_done(self, latency_s: float) -> None: ...
 
+    def processed(self, seconds: float) -> None: ...
+
     def error(self, kind: str) -> None: ...
 
 
 class _NoObserver:
     def frame_done(self, latency_s: float) -> None:
+        pass
+
+    def processed(self, seconds: float) -> None:
         pass
 
     def error(self, kind: str) -> None:
@@ -170,6 +175,7 @@ class Session:
             on_error=self._error,
             on_started=self._from_thread(self._started.set),
             on_exit=self._from_thread(self._worker_done.set),
+            on_processed=self._observer.processed,
         )
         self._sink = _LoopSink(self._loop)
         self._encoder: Encoder | None = None
@@ -216,6 +222,11 @@ class Session:
         with contextlib.suppress(Closed):
             self._frames.put(ParamsItem(update), droppable=False)
         self.send_event({"type": "params_updated", "params": update})
+
+    def stuck_stages(self) -> list[str]:
+        """The stages whose threads are still running (after the end: the ones left behind, hung)."""
+        stages = (("decoder", self._decoder), ("processor", self._worker), ("encoder", self._encoder))
+        return [name for name, stage in stages if stage is not None and stage.running]
 
     async def wait_started(self) -> None:
         """Return once the processor's ``on_start`` ran; raise ProcessorError if it failed."""

@@ -1,0 +1,269 @@
+"""GPU memory readings (NVML for the device, torch for this process) and admission by memory.
+
+Everything here degrades to "no reading" rather than raising: a machine without a GPU, without the
+NVIDIA driver or without ``nvidia-ml-py`` gets an unavailable monitor whose readings are empty, and a
+budget that never refuses. torch is never imported here; its allocator is read only when the
+processor already imported it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["DeviceMemory", "GpuMonitor", "MemoryBudget", "TorchMemory", "reset_torch_peaks", "torch_memory"]
+
+logger = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+_WARN_INTERVAL_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceMemory:
+    """One device's memory as NVML reports it (all processes together)."""
+
+    index: int
+    name: str
+    used_bytes: int
+    total_bytes: int
+
+    @property
+    def free_bytes(self) -> int:
+        return max(0, self.total_bytes - self.used_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class TorchMemory:
+    """The calling process's CUDA caching allocator on one device."""
+
+    index: int
+    allocated_bytes: int
+    reserved_bytes: int
+    peak_allocated_bytes: int
+
+
+class GpuMonitor:
+    """Device memory through NVML. ``nvml`` is a module with the pynvml API; None imports pynvml.
+
+    When the module is missing or ``nvmlInit`` fails the monitor is unavailable and ``devices()`` is
+    always empty. Safe to call from several threads.
+    """
+
+    def __init__(self, nvml: Any | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._last_warning: dict[str, float] = {}
+        self._nvml: Any | None = None
+        self._initialised = False
+        if nvml is None:
+            try:
+                import pynvml
+            except ImportError:
+                logger.info("GPU monitoring unavailable: nvidia-ml-py (pynvml) is not installed")
+                return
+            nvml = pynvml
+        try:
+            nvml.nvmlInit()
+        except Exception as exc:  # NVMLError, or an OSError from a broken driver install
+            logger.info(
+                "GPU monitoring unavailable: NVML did not initialise (%s: %s)", type(exc).__name__, exc
+            )
+            return
+        self._nvml = nvml
+        self._initialised = True
+
+    @property
+    def available(self) -> bool:
+        return self._initialised
+
+    def devices(self) -> list[DeviceMemory]:
+        """Every device's memory now; [] when unavailable or when NVML fails to answer."""
+        with self._lock:
+            nvml = self._nvml
+            if not self._initialised or nvml is None:
+                return []
+            try:
+                readings = []
+                for index in range(int(nvml.nvmlDeviceGetCount())):
+                    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                    info = nvml.nvmlDeviceGetMemoryInfo(handle)
+                    name = nvml.nvmlDeviceGetName(handle)
+                    if isinstance(name, bytes):
+                        name = name.decode("utf-8", errors="replace")
+                    readings.append(DeviceMemory(index, str(name), int(info.used), int(info.total)))
+            except Exception as exc:
+                self._warn_rate_limited(f"GPU memory read failed ({type(exc).__name__}: {exc})")
+                return []
+            return readings
+
+    def device(self, index: int) -> DeviceMemory | None:
+        """One device's memory now, or None when it cannot be read."""
+        return next((d for d in self.devices() if d.index == index), None)
+
+    def close(self) -> None:
+        """Shut NVML down if this monitor initialised it. Idempotent."""
+        with self._lock:
+            if not self._initialised or self._nvml is None:
+                return
+            self._initialised = False
+            try:
+                self._nvml.nvmlShutdown()
+            except Exception as exc:
+                logger.debug("nvmlShutdown failed: %s", exc)
+
+    def _warn_rate_limited(self, message: str) -> None:
+        now = self._clock()
+        last = self._last_warning.get(message)
+        if last is not None and now - last < _WARN_INTERVAL_S:
+            return
+        self._last_warning[message] = now
+        logger.warning("%s", message)
+
+
+def _torch_cuda() -> Any | None:
+    """torch.cuda when torch is already imported and CUDA is usable; never imports torch."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    cuda = getattr(torch, "cuda", None)
+    if cuda is None or not cuda.is_available():
+        return None
+    return cuda
+
+
+def torch_memory() -> list[TorchMemory]:
+    """This process's torch allocator per device; [] when torch is not imported or CUDA is unusable."""
+    try:
+        cuda = _torch_cuda()
+        if cuda is None:
+            return []
+        return [
+            TorchMemory(
+                index=i,
+                allocated_bytes=int(cuda.memory_allocated(i)),
+                reserved_bytes=int(cuda.memory_reserved(i)),
+                peak_allocated_bytes=int(cuda.max_memory_allocated(i)),
+            )
+            for i in range(int(cuda.device_count()))
+        ]
+    except Exception as exc:
+        logger.debug("torch memory reading failed: %s", exc, exc_info=True)
+        return []
+
+
+def reset_torch_peaks() -> None:
+    """Restart torch's peak-allocation counters on every device. No-op without torch or CUDA."""
+    try:
+        cuda = _torch_cuda()
+        if cuda is None:
+            return
+        is_initialized = getattr(cuda, "is_initialized", None)
+        if is_initialized is not None and not is_initialized():
+            return  # no CUDA context in this process: nothing to reset, and do not create one
+        for i in range(int(cuda.device_count())):
+            cuda.reset_peak_memory_stats(i)
+    except Exception as exc:
+        logger.debug("torch peak reset failed: %s", exc, exc_info=True)
+
+
+def _mib(value: int) -> int:
+    return value // MIB
+
+
+class MemoryBudget:
+    """Admission by GPU memory: is there room for one more session?
+
+    ``per_session_bytes`` is the configured cost of one session; None learns it from ``observe``:
+    the largest (used - baseline) / sessions ever seen, since peaks matter more than averages.
+    """
+
+    def __init__(
+        self, monitor: GpuMonitor, *, per_session_bytes: int | None, headroom_bytes: int, device: int = 0
+    ) -> None:
+        if per_session_bytes is not None and per_session_bytes < 0:
+            raise ValueError(f"per_session_bytes must be >= 0, got {per_session_bytes}")
+        if headroom_bytes < 0:
+            raise ValueError(f"headroom_bytes must be >= 0, got {headroom_bytes}")
+        self._monitor = monitor
+        self._configured = per_session_bytes
+        self._headroom = headroom_bytes
+        self._device = device
+        self._lock = threading.Lock()
+        self._baseline: int | None = None
+        self._learned: int | None = None
+
+    @property
+    def baseline_bytes(self) -> int | None:
+        return self._baseline
+
+    @property
+    def per_session_bytes(self) -> int | None:
+        """The configured cost, else the learned one, else None."""
+        return self._configured if self._configured is not None else self._learned
+
+    def set_baseline(self) -> None:
+        """Remember the device's used memory as the base: call with the processor loaded and no session."""
+        reading = self._monitor.device(self._device)
+        if reading is not None:
+            with self._lock:
+                self._baseline = reading.used_bytes
+
+    def observe(self, active_sessions: int) -> None:
+        """Fold one reading with ``active_sessions`` running into the learned per-session cost."""
+        baseline = self._baseline
+        if active_sessions <= 0 or baseline is None:
+            return
+        reading = self._monitor.device(self._device)
+        if reading is None:
+            return
+        estimate = max(0, reading.used_bytes - baseline) // active_sessions
+        with self._lock:
+            if self._learned is None or estimate > self._learned:
+                self._learned = estimate
+
+    def refusal(self) -> str | None:
+        """None when one more session fits; else why not, in MiB. Never refuses without a reading."""
+        if not self._monitor.available:
+            return None
+        reading = self._monitor.device(self._device)
+        if reading is None:
+            return None
+        per_session = self.per_session_bytes
+        needed = (per_session or 0) + self._headroom
+        if reading.free_bytes >= needed:
+            return None
+        free = _mib(reading.free_bytes)
+        if per_session is None:
+            return (
+                f"GPU {self._device} has {free} MiB free; {_mib(self._headroom)} MiB headroom is required "
+                "(per-session cost not yet measured)"
+            )
+        return (
+            f"GPU {self._device} has {free} MiB free; a session needs {_mib(per_session)} MiB "
+            f"plus {_mib(self._headroom)} MiB headroom"
+        )
+
+    def snapshot(self) -> dict[str, Any]:
+        """The budget's state for /health and the check tool (sizes in MiB)."""
+        reading = self._monitor.device(self._device) if self._monitor.available else None
+        per_session = self.per_session_bytes
+        source = (
+            "configured" if self._configured is not None else "measured" if per_session is not None else None
+        )
+        return {
+            "available": self._monitor.available,
+            "device": self._device,
+            "name": reading.name if reading else None,
+            "free_mib": _mib(reading.free_bytes) if reading else None,
+            "total_mib": _mib(reading.total_bytes) if reading else None,
+            "per_session_mib": _mib(per_session) if per_session is not None else None,
+            "per_session_source": source,
+            "baseline_mib": _mib(self._baseline) if self._baseline is not None else None,
+            "headroom_mib": _mib(self._headroom),
+        }

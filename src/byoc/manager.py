@@ -1,0 +1,174 @@
+"""The session manager: owns every session, admits new ones, routes requests to them, drains them.
+
+go-livepeer does not check capacity before it sends a start (protocol.md §2.7), so the container
+enforces its own limit: a start beyond ``max_sessions`` — or while the processor loads, while the
+runtime drains, or when the GPU has no room — is refused with a reason. Admission and registration of
+a session happen without an ``await`` in between, so concurrent starts can never overshoot the limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable
+
+import aiohttp
+
+from byoc.errors import AdmissionRefused, ProcessorError, SessionExists, SessionNotFound
+from byoc.metrics import FrameTotals
+from byoc.processor import Processor
+from byoc.session import Session, SessionObserver
+from byoc.spec import EndReason, SessionSettings, StreamSpec
+from byoc.stats import SessionStatistics
+
+__all__ = ["SessionManager"]
+
+log = logging.getLogger(__name__)
+
+_START_TIMEOUT_S = 10.0
+
+
+class SessionManager:
+    """Sessions by stream id."""
+
+    def __init__(
+        self,
+        processor: Processor | None,
+        http: aiohttp.ClientSession,
+        settings: SessionSettings,
+        observer: SessionObserver,
+        *,
+        max_sessions: int,
+        gate: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        self.processor = processor
+        """Shared by every session; None until it is loaded (starts are refused meanwhile)."""
+        self._http = http
+        self._settings = settings
+        self._observer = observer
+        self.max_sessions = max_sessions
+        self._gate = gate
+        self._sessions: dict[str, Session] = {}
+        self._tasks: dict[str, asyncio.Task[EndReason]] = {}
+        self._retired_in = self._retired_out = self._started = 0
+        self._retired_dropped: Counter[str] = Counter()
+        self._ended: Counter[str] = Counter()
+        self._stuck: dict[str, list[str]] = {}
+
+    # --- queries --------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def ids(self) -> list[str]:
+        return list(self._sessions)
+
+    def get(self, stream_id: str) -> Session:
+        try:
+            return self._sessions[stream_id]
+        except KeyError:
+            raise SessionNotFound(f"no session {stream_id!r}") from None
+
+    def resolve(self, stream_id: str | None) -> Session | None:
+        """The session a params/stop request means: by id, or the only one when no id was given."""
+        if stream_id:
+            return self._sessions.get(stream_id)
+        if len(self._sessions) == 1:
+            return next(iter(self._sessions.values()))
+        return None
+
+    def stuck_stages(self) -> dict[str, list[str]]:
+        """Sessions that had to leave a thread behind (a processor that never returned), by stream id."""
+        return dict(self._stuck)
+
+    def statistics(self) -> list[SessionStatistics]:
+        return [session.statistics() for session in self._sessions.values()]
+
+    def totals(self) -> FrameTotals:
+        """Frames since start-up: ended sessions plus the running ones (monotonic)."""
+        frames_in, frames_out, dropped = self._retired_in, self._retired_out, Counter(self._retired_dropped)
+        for stats in self.statistics():
+            frames_in += stats.frames_in
+            frames_out += stats.frames_out
+            dropped.update(stats.dropped)
+        return FrameTotals(frames_in, frames_out, dict(dropped), self._started, dict(self._ended))
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def admit(self, spec: StreamSpec) -> Session:
+        """Create and start a session, or raise SessionExists / AdmissionRefused. Never awaits."""
+        if spec.stream_id in self._sessions:
+            raise SessionExists(f"stream {spec.stream_id!r} is already running")
+        if len(self._sessions) >= self.max_sessions:
+            raise AdmissionRefused(
+                f"at capacity: {len(self._sessions)} of {self.max_sessions} sessions running"
+            )
+        if reason := self._gate():
+            raise AdmissionRefused(reason)
+        if self.processor is None:
+            raise AdmissionRefused("the processor is still loading")
+        session = Session(spec, self.processor, self._http, self._settings, self._observer)
+        self._sessions[spec.stream_id] = session
+        self._started += 1
+        task = asyncio.create_task(self._run(session), name=f"{spec.stream_id}:session")
+        self._tasks[spec.stream_id] = task
+        log.info("stream %s: admitted (%d of %d)", spec.stream_id, len(self._sessions), self.max_sessions)
+        return session
+
+    async def start(self, spec: StreamSpec) -> Session:
+        """Admit a session and wait until its processor hooks ran ``on_start``."""
+        session = self.admit(spec)
+        try:
+            async with asyncio.timeout(_START_TIMEOUT_S):
+                await session.wait_started()
+        except TimeoutError:
+            log.warning("stream %s: on_start is still running after %.0fs", spec.stream_id, _START_TIMEOUT_S)
+        except ProcessorError:
+            session.stop(EndReason.PROCESSOR_ERROR)
+            await asyncio.shield(self._tasks[spec.stream_id])
+            raise
+        return session
+
+    def stop(self, stream_id: str, reason: EndReason = EndReason.STOPPED) -> bool:
+        """Ask a session to end; False if there is none with that id (stop is idempotent)."""
+        session = self._sessions.get(stream_id)
+        if session is None:
+            return False
+        session.stop(reason)
+        return True
+
+    async def drain(self, timeout: float) -> list[str]:  # noqa: ASYNC109
+        """End every session (the encoders flush, final events go out); ids still running at the deadline."""
+        for session in list(self._sessions.values()):
+            session.stop(EndReason.SHUTDOWN)
+        tasks = list(self._tasks.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        return list(self._sessions)
+
+    async def cancel_all(self) -> None:
+        """Last resort after a drain deadline: cancel what is left."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _run(self, session: Session) -> EndReason:
+        reason = EndReason.STOPPED
+        try:
+            reason = await session.run()
+        except Exception:
+            log.exception("stream %s: session failed", session.stream_id)
+            self._observer.error("other")
+        finally:
+            stats = session.statistics()
+            self._retired_in += stats.frames_in
+            self._retired_out += stats.frames_out
+            self._retired_dropped.update(stats.dropped)
+            self._ended[str(session.end_reason or reason)] += 1
+            if stuck := session.stuck_stages():
+                self._stuck[session.stream_id] = stuck
+            self._sessions.pop(session.stream_id, None)
+            self._tasks.pop(session.stream_id, None)
+        return reason

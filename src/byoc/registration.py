@@ -1,0 +1,272 @@
+"""Capability registration with a go-livepeer orchestrator (protocol.md §1).
+
+The container announces where it lives and what it costs with ``POST /capability/register`` and keeps
+announcing it: the orchestrator holds registrations in memory only and forgets them on restart without
+telling anyone. Registering again also zeroes the orchestrator's load counter for the capability, so
+the periodic refresh happens only while no session runs (§1.7, pitfalls P1 and P5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from yarl import URL
+
+from byoc.errors import ByocError, ConfigError
+from byoc.trickle.protocol import RetryPolicy, RetryState
+
+if TYPE_CHECKING:
+    from byoc.config import Settings
+
+__all__ = ["CapabilityInfo", "Registrar"]
+
+log = logging.getLogger(__name__)
+
+REGISTER_PATH = "/capability/register"
+UNREGISTER_PATH = "/capability/unregister"
+DEFAULT_RETRY = RetryPolicy(
+    max_retries=1_000_000, initial_delay_s=0.5, max_delay_s=10.0, max_elapsed_s=float("inf")
+)
+_LOCAL_CURRENCIES = ("", "wei", "eth")
+_QUOTE_CHARS = 200
+_WARN_EVERY = 10
+
+
+class _RetryableError(ByocError):
+    """An attempt failed in a way that may pass: transport error, timeout, dropped connection, 5xx."""
+
+
+@dataclass(frozen=True, slots=True)
+class CapabilityInfo:
+    """What the orchestrator is told. ``url`` loses any trailing ``/`` (O appends paths to it, P24)."""
+
+    name: str
+    url: str
+    description: str = ""
+    capacity: int = 1
+    price_per_unit: int = 0
+    price_scaling: int = 1
+    currency: str = "wei"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "url", self.url.rstrip("/"))
+        problems = []
+        if not self.name:
+            problems.append("capability name must not be empty")
+        if not self.url.startswith(("http://", "https://")):
+            problems.append(f"capability url must be an http(s) URL, got {self.url!r}")
+        for key in ("capacity", "price_per_unit", "price_scaling"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                problems.append(f"{key} must be an integer (the orchestrator rejects {value!r})")
+            elif value < (1 if key == "price_scaling" else 0):
+                problems.append(f"{key} is out of range: {value}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CapabilityInfo:
+        return cls(
+            name=settings.capability_name,
+            url=settings.advertised_url(),
+            description=settings.capability_description,
+            capacity=settings.max_sessions,
+            price_per_unit=settings.price_per_unit,
+            price_scaling=settings.price_scaling,
+            currency=settings.currency,
+        )
+
+    def body(self) -> dict[str, str | int]:
+        """The JSON object ``/capability/register`` expects (no ``token``: stream routes use their own)."""
+        return {
+            "name": self.name,
+            "url": self.url,
+            "capacity": self.capacity,
+            "price_per_unit": self.price_per_unit,
+            "price_scaling": self.price_scaling,
+            "currency": self.currency,
+            "description": self.description,
+        }
+
+
+class Registrar:
+    """Registers this container's capability with a go-livepeer orchestrator and keeps it registered.
+
+    ``state`` is ``unregistered`` before the first attempt, ``registering`` while an attempt runs or after
+    one failed in a retryable way, ``registered``, ``refused`` after a 400 (wrong secret or bad body: never
+    retried), and ``unregistered_on_shutdown`` after a successful :meth:`unregister`. Apart from a refusal,
+    :meth:`run` never stops trying on its own; ``retry`` only shapes the delays (at ``max_delay_s`` once
+    its budget is spent).
+    """
+
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        orchestrator_url: str,
+        secret: str,
+        capability: CapabilityInfo,
+        *,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        reregister_interval_s: float = 30.0,
+        request_timeout_s: float = 5.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._base = orchestrator_url.rstrip("/")
+        if not self._base.startswith(("http://", "https://")):
+            raise ConfigError(f"orchestrator_url must be an http(s) URL, got {orchestrator_url!r}")
+        if "\r" in secret or "\n" in secret:
+            raise ConfigError("the orchestrator secret contains a line break and cannot be sent as a header")
+        if reregister_interval_s < 0 or request_timeout_s <= 0:
+            raise ConfigError("reregister_interval_s must be >= 0 and request_timeout_s > 0")
+        self._http = http
+        self._shown = str(URL(self._base).with_user(None))
+        self._secret = secret
+        self.capability = capability
+        self._retry = retry
+        self._interval = reregister_interval_s
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout_s)
+        self._sleep = sleep
+        self._state = "unregistered"
+        self._last_error: str | None = None
+        self._failures = 0  # consecutive retryable failures, for rate-limited warnings
+        self._announced = False
+
+    @classmethod
+    def from_settings(cls, http: aiohttp.ClientSession, settings: Settings) -> Registrar:
+        secret = settings.secret()
+        if not settings.orchestrator_url or secret is None:
+            raise ConfigError("registration needs orchestrator_url and orch_secret or orch_secret_file")
+        return cls(
+            http,
+            settings.orchestrator_url,
+            secret,
+            CapabilityInfo.from_settings(settings),
+            reregister_interval_s=settings.reregister_interval_s,
+        )
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def last_error(self) -> str | None:
+        return self._last_error
+
+    def __repr__(self) -> str:
+        name, state = self.capability.name, self._state
+        return f"Registrar(orchestrator={self._shown!r}, capability={name!r}, state={state!r})"
+
+    async def register_once(self) -> None:
+        """One ``POST /capability/register``: ConfigError on 400, a retryable ByocError on anything else."""
+        self._state = "registering"
+        name = self.capability.name
+        body = json.dumps(self.capability.body()).encode()
+        try:
+            status, text = await self._post(REGISTER_PATH, body, "application/json")
+        except (aiohttp.ClientError, OSError) as exc:
+            currency, hint = self.capability.currency, ""
+            if isinstance(exc, aiohttp.ServerDisconnectedError) and currency.lower() not in _LOCAL_CURRENCIES:
+                hint = f" (an orchestrator without a price feed drops the connection for {currency!r}, P19)"
+            raise self._failed(_RetryableError, self._describe(exc) + hint) from exc
+        if 200 <= status < 300:  # the body is "ok" although Content-Type says JSON (P18): not parsed
+            self._state, self._last_error = "registered", None
+            level = logging.INFO if not self._announced or self._failures else logging.DEBUG
+            log.log(level, "registered capability %r (%s) with %s", name, self.capability.url, self._shown)
+            self._announced, self._failures = True, 0
+            return
+        if status == 400:
+            self._state = "refused"
+            if text.startswith("invalid authorization"):
+                reason = "refused the secret (check orch_secret: it is sent raw, without 'Bearer ')"
+            else:
+                reason = f"refused the registration of {name!r}"
+            raise self._failed(ConfigError, f"{reason}: 400 {text!r}")
+        raise self._failed(_RetryableError, f"answered {status} {text!r}")
+
+    async def run(self, is_idle: Callable[[], bool]) -> None:
+        """Register until it works, then again every ``reregister_interval_s`` while ``is_idle()``.
+
+        Returns only after a refusal (or at once when re-registration is off and the first one worked).
+        """
+        if not await self._register_with_retries(None) or self._interval <= 0:
+            return
+        while True:
+            await self._sleep(self._interval)
+            if not is_idle():
+                log.debug("not registering %r again now: sessions are running", self.capability.name)
+                continue
+            if not await self._register_with_retries(is_idle):
+                return
+
+    async def unregister(self) -> None:
+        """``POST /capability/unregister`` with the raw name as the body; failures are only logged."""
+        name = self.capability.name
+        try:
+            status, text = await self._post(UNREGISTER_PATH, name.encode(), "text/plain; charset=utf-8")
+        except Exception as exc:  # shutdown must go on whatever happens here
+            log.warning("could not unregister %r from %s: %s", name, self._shown, self._describe(exc))
+            return
+        if status != 200:
+            log.warning("unregistering %r from %s: answered %d %r", name, self._shown, status, text)
+            return
+        self._state = "unregistered_on_shutdown"
+        log.info("unregistered capability %r from %s", name, self._shown)
+
+    # --- internals ----------------------------------------------------------------------------------
+
+    async def _register_with_retries(self, still_idle: Callable[[], bool] | None) -> bool:
+        """True once registered (or put off because sessions started), False after a refusal."""
+        retry_state = RetryState()
+        while True:
+            try:
+                await self.register_once()
+                return True
+            except ConfigError as exc:
+                log.error("%s; giving up on registration", exc)
+                return False
+            except _RetryableError as exc:
+                self._failures += 1
+                retry_state, delay = self._retry.after_failure(retry_state, time.monotonic())
+                delay = self._retry.max_delay_s if delay is None else delay
+                loud = self._failures == 1 or self._failures % _WARN_EVERY == 0
+                level = logging.WARNING if loud else logging.DEBUG
+                log.log(level, "%s (failure %d in a row); retrying in %.1fs", exc, self._failures, delay)
+            await self._sleep(delay)
+            if still_idle is not None and not still_idle():
+                log.debug("registering %r again put off: sessions started", self.capability.name)
+                return True
+
+    async def _post(self, path: str, body: bytes, content_type: str) -> tuple[int, str]:
+        headers = {"Authorization": self._secret, "Content-Type": content_type}
+        # No redirects (the secret stays with this host) and no raise_for_status from the caller's session.
+        options: dict[str, Any] = {
+            "timeout": self._timeout,
+            "allow_redirects": False,
+            "raise_for_status": False,
+        }
+        async with self._http.post(self._base + path, data=body, headers=headers, **options) as resp:
+            raw = await resp.read()
+        text = raw.decode("utf-8", "replace").strip()
+        if len(text) > _QUOTE_CHARS:
+            text = text[:_QUOTE_CHARS] + "…"
+        return resp.status, self._redact(text)
+
+    def _describe(self, exc: BaseException) -> str:
+        if isinstance(exc, TimeoutError):
+            return f"no answer within {self._timeout.total}s"
+        return self._redact(f"{type(exc).__name__}: {exc}")
+
+    def _failed(self, kind: type[ByocError], detail: str) -> ByocError:
+        message = self._redact(f"orchestrator {self._shown} {detail}")
+        self._last_error = message
+        return kind(message)
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._secret, "<secret>") if self._secret else text

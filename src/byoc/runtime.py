@@ -1,0 +1,321 @@
+"""The container runtime: start-up, serving, and an ordered drain on SIGTERM.
+
+``Runtime(settings).serve()`` listens at once (``/health`` says LOADING), loads the processor on a
+thread of its own, registers the capability, and serves until SIGTERM/SIGINT or :meth:`request_drain`
+(or the ``shutdown`` awaitable, for tests and tools). The drain, all within ``drain_timeout_s``:
+
+1. mark DRAINING — ``/health`` answers 503 and new starts get 503;
+2. unregister the capability;
+3. stop every session: encoders flush, the last segments and a final event go out, publish channels
+   are DELETEd;
+4. tear the processor down and stop listening; exit 0.
+
+Past the deadline whatever is left is cancelled and the exit code is 1, with a log line naming what
+hung. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import aiohttp
+from aiohttp import web
+
+from byoc import __version__
+from byoc.api import build_app
+from byoc.config import Settings
+from byoc.errors import ByocError
+from byoc.gpu import DeviceMemory, GpuMonitor, MemoryBudget
+from byoc.health import HealthView, RuntimeState
+from byoc.manager import SessionManager
+from byoc.metrics import FrameTotals, RuntimeMetrics
+from byoc.processor import Processor, load_processor
+from byoc.registration import Registrar
+from byoc.trickle.client import create_client_session
+
+__all__ = ["EXIT_HUNG", "EXIT_LOAD_FAILED", "Runtime", "run_in_thread"]
+
+log = logging.getLogger(__name__)
+
+EXIT_HUNG = 1
+EXIT_LOAD_FAILED = 3
+_MB = 1024 * 1024
+_BUDGET_SAMPLE_S = 2.0
+
+
+async def run_in_thread(call: Callable[[], object], name: str) -> None:
+    """Run user code on a daemon thread of its own (a coroutine gets its own loop there) and await it.
+
+    Unlike the default executor, a call that never returns cannot keep the process from exiting.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def target() -> None:
+        try:
+            result = call()
+            if inspect.isawaitable(result):
+                asyncio.run(_await(result))
+        except BaseException as exc:
+            loop.call_soon_threadsafe(_settle, done, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, done, None)
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    await done
+
+
+async def _await(awaitable: Awaitable[object]) -> None:
+    await awaitable
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+class Runtime:
+    """One container: its HTTP server, processor, sessions, metrics and registration."""
+
+    def __init__(
+        self, settings: Settings, *, processor: Processor | None = None, gpu: GpuMonitor | None = None
+    ) -> None:
+        self.settings = settings
+        self._processor = processor
+        self.gpu = gpu or GpuMonitor()
+        per_session = settings.gpu_memory_per_session_mb
+        self.budget = MemoryBudget(
+            self.gpu,
+            per_session_bytes=None if per_session is None else int(per_session * _MB),
+            headroom_bytes=int(settings.gpu_headroom_mb * _MB),
+        )
+        self.metrics = RuntimeMetrics(self, version=__version__, processor=settings.processor)
+        self._loading = True
+        self._draining = False
+        self._error: str | None = None
+        self._started = time.monotonic()
+        self._manager: SessionManager | None = None
+        self._registrar: Registrar | None = None
+        self._registration: asyncio.Task[None] | None = None
+        self._drain_requested = asyncio.Event()
+        self.port: int | None = None
+        """The port actually bound (useful with port 0)."""
+        self._listening = asyncio.Event()
+        self._ready = asyncio.Event()
+
+    # --- state (read by /health, /metrics and admission; never waits) ---------------------------
+
+    @property
+    def manager(self) -> SessionManager:
+        if self._manager is None:
+            raise RuntimeError("the runtime is not serving")
+        return self._manager
+
+    def runtime_state(self) -> RuntimeState:
+        if self._error is not None:
+            return RuntimeState.ERROR
+        if self._loading:
+            return RuntimeState.LOADING
+        if self._draining:
+            return RuntimeState.DRAINING
+        return RuntimeState.OK if self.sessions_active() else RuntimeState.IDLE
+
+    def health_view(self) -> HealthView:
+        registration = self._registrar.state if self._registrar is not None else None
+        return HealthView(
+            self.runtime_state(),
+            self.sessions_active(),
+            self.settings.max_sessions,
+            time.monotonic() - self._started,
+            self._error,
+            registration,
+        )
+
+    def sessions_active(self) -> int:
+        return len(self._manager) if self._manager is not None else 0
+
+    def capacity(self) -> int:
+        return self.settings.max_sessions
+
+    def state(self) -> str:
+        return str(self.runtime_state())
+
+    def gpu_devices(self) -> Sequence[DeviceMemory]:
+        return self.gpu.devices()
+
+    def frame_totals(self) -> FrameTotals:
+        return self._manager.totals() if self._manager is not None else FrameTotals()
+
+    def _admission_gate(self) -> str | None:
+        if self._error is not None:
+            return f"the runtime is broken: {self._error}"
+        if self._loading:
+            return "the processor is still loading"
+        if self._draining:
+            return "shutting down"
+        return self.budget.refusal()
+
+    # --- control --------------------------------------------------------------------------------
+
+    async def wait_listening(self) -> None:
+        """Return once the HTTP server accepts connections (``serve`` must be running)."""
+        await self._listening.wait()
+
+    async def wait_ready(self) -> None:
+        """Return once the processor is loaded and sessions are accepted."""
+        await self._ready.wait()
+
+    def request_drain(self) -> None:
+        """Start the ordered shutdown (what SIGTERM does)."""
+        self._drain_requested.set()
+
+    async def serve(self, shutdown: Awaitable[object] | None = None) -> int:
+        """Serve until SIGTERM/SIGINT, :meth:`request_drain` or ``shutdown``; returns the exit code."""
+        self._install_signal_handlers()
+        sys.setswitchinterval(self.settings.switch_interval_ms / 1000.0)
+        async with create_client_session(self.settings.trickle()) as http:
+            self._manager = SessionManager(
+                self._processor,
+                http,
+                self.settings.session(),
+                self.metrics,
+                max_sessions=self.settings.max_sessions,
+                gate=self._admission_gate,
+            )
+            runner = web.AppRunner(
+                build_app(self), access_log=None, handle_signals=False, shutdown_timeout=1.0
+            )
+            await runner.setup()
+            site = web.TCPSite(runner, self.settings.host, self.settings.port)
+            await site.start()
+            self.port = runner.addresses[0][1] if runner.addresses else self.settings.port
+            log.info(
+                "listening on %s:%s (processor %s)", self.settings.host, self.port, self.settings.processor
+            )
+            self._listening.set()
+            try:
+                return await self._serve(http, shutdown)
+            finally:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await runner.cleanup()
+
+    async def _serve(self, http: aiohttp.ClientSession, shutdown: Awaitable[object] | None) -> int:
+        try:
+            await self._load()
+        except Exception as exc:
+            self._error = f"processor failed to load: {exc}"
+            log.error("%s", self._error, exc_info=not isinstance(exc, ByocError))
+            return EXIT_LOAD_FAILED
+        async with asyncio.TaskGroup() as tasks:
+            background = [tasks.create_task(self._sample_gpu_budget(), name="gpu-budget")]
+            if self.settings.orchestrator_url:
+                self._registrar = Registrar.from_settings(http, self.settings)
+                registrar = self._registrar.run(is_idle=lambda: self.sessions_active() == 0)
+                self._registration = tasks.create_task(registrar, name="registration")
+                background.append(self._registration)
+            waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(self._drain_requested.wait())]
+            if shutdown is not None:
+                waiters.append(asyncio.ensure_future(shutdown))
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                return await self._drain()
+            finally:
+                for task in background:
+                    task.cancel()
+                for waiter in waiters:
+                    waiter.cancel()
+
+    async def _load(self) -> None:
+        reference, options = self.settings.processor, self.settings.processor_options
+        started = time.monotonic()
+        if self._processor is None:
+            loaded: list[Processor] = []
+            await run_in_thread(lambda: loaded.append(load_processor(reference, options)), "processor-import")
+            self._processor = loaded[0]
+        processor = self._processor
+        await run_in_thread(processor.setup, "processor-setup")
+        self.budget.set_baseline()
+        self.manager.processor = processor
+        self._loading = False
+        self._ready.set()
+        log.info("processor %s ready in %.2fs", reference, time.monotonic() - started)
+
+    async def _sample_gpu_budget(self) -> None:
+        if not self.gpu.available:
+            return
+        while True:
+            self.budget.observe(self.sessions_active())
+            await asyncio.sleep(_BUDGET_SAMPLE_S)
+
+    async def _drain(self) -> int:
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        self._draining = True
+        log.info("draining: %d sessions, %.1fs to go", self.sessions_active(), self.settings.drain_timeout_s)
+        if self._registration is not None:
+            self._registration.cancel()  # no idle re-registration may follow the unregister
+        if self._registrar is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(2.0, self.settings.drain_timeout_s / 4)):
+                    await self._registrar.unregister()
+        code = 0
+        hung = await self.manager.drain(timeout=max(0.1, deadline - time.monotonic() - 0.5))
+        for stream_id, stages in self.manager.stuck_stages().items():
+            log.error(
+                "stream %s: the %s thread was still busy at the deadline and was left behind",
+                stream_id,
+                " and ".join(stages),
+            )
+            code = EXIT_HUNG
+        if hung:
+            log.error("drain deadline: sessions %s did not end; cancelling them", ", ".join(hung))
+            code = EXIT_HUNG
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.05, deadline - time.monotonic() - 0.2)):
+                    await self.manager.cancel_all()
+        if self._processor is not None:
+            try:
+                async with asyncio.timeout(max(0.05, deadline - time.monotonic() - 0.1)):
+                    await run_in_thread(self._processor.teardown, "processor-teardown")
+            except TimeoutError:
+                log.error("drain deadline: the processor's teardown() did not return")
+                code = EXIT_HUNG
+            except Exception:
+                log.exception("the processor's teardown() failed")
+        log.info(
+            "drained in %.2fs, exit code %d",
+            self.settings.drain_timeout_s - (deadline - time.monotonic()),
+            code,
+        )
+        return code
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        received: list[int] = []
+
+        def on_signal(number: int) -> None:
+            received.append(number)
+            if len(received) == 1:
+                log.info("%s received: draining (a second signal exits at once)", signal.Signals(number).name)
+                self.request_drain()
+            else:
+                log.warning("second signal: exiting now")
+                logging.shutdown()
+                os._exit(EXIT_HUNG)
+
+        for number in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(number, on_signal, number)
