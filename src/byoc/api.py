@@ -30,7 +30,7 @@ from byoc.errors import AdmissionRefused, InvalidRequest, ProcessorError, Sessio
 from byoc.health import health_response
 from byoc.metrics import CONTENT_TYPE
 from byoc.requests import json_object, params_update, start_spec, stream_id_from_body
-from byoc.spec import EndReason
+from byoc.spec import EndReason, StreamSpec
 
 if TYPE_CHECKING:
     from byoc.runtime import Runtime
@@ -66,17 +66,21 @@ async def _body(request: web.Request) -> bytes:
 async def stream_start(request: web.Request) -> web.StreamResponse:
     runtime = _runtime(request)
     spec = start_spec(json_object(await _body(request)), header_id=request.headers.get(STREAM_ID_HEADER))
-    session = await runtime.manager.start(spec)
-    return _json({"status": "started", "stream_id": session.stream_id})
+    stream_id = await runtime.on_main(_start(runtime, spec))
+    return _json({"status": "started", "stream_id": stream_id})
+
+
+async def _start(runtime: Runtime, spec: StreamSpec) -> str:
+    return (await runtime.manager.start(spec)).stream_id
 
 
 async def live_video_to_video(request: web.Request) -> web.StreamResponse:
     runtime = _runtime(request)
     body = json_object(await _body(request))
     spec = start_spec(body, header_id=request.headers.get(STREAM_ID_HEADER), lv2v=True)
-    session = await runtime.manager.start(spec)
+    stream_id = await runtime.on_main(_start(runtime, spec))
     urls = {key: body.get(key, "") for key in ("publish_url", "subscribe_url", "control_url")}
-    return _json({**urls, "stream_id": session.stream_id})
+    return _json({**urls, "stream_id": stream_id})
 
 
 async def stream_params(request: web.Request) -> web.StreamResponse:
@@ -97,11 +101,18 @@ async def stream_stop(request: web.Request) -> web.StreamResponse:
     runtime = _runtime(request)
     raw = await _body(request)  # any body: go-livepeer sends plain text, e.g. "stream ended"
     stream_id = request.headers.get(STREAM_ID_HEADER) or stream_id_from_body(raw)
+    stopped = await runtime.on_main(_stop(runtime, stream_id))
+    if stopped is None:
+        return _json({"status": "not running", "stream_id": stream_id})
+    return _json({"status": "stopping", "stream_id": stopped})
+
+
+async def _stop(runtime: Runtime, stream_id: str | None) -> str | None:
     session = runtime.manager.resolve(stream_id)
     if session is None:
-        return _json({"status": "not running", "stream_id": stream_id})
+        return None
     runtime.manager.stop(session.stream_id, EndReason.STOPPED)
-    return _json({"status": "stopping", "stream_id": session.stream_id})
+    return session.stream_id
 
 
 async def stream_status(request: web.Request) -> web.StreamResponse:

@@ -33,7 +33,7 @@ def _demo(argv: Sequence[str]) -> int:
 
 
 def _bench(argv: Sequence[str]) -> int:
-    benchmarks = {"pipeline": "byoc.bench.pipeline"}
+    benchmarks = {"pipeline": "byoc.bench.pipeline", "serve": "byoc.bench.serve"}
     if not argv or argv[0] not in benchmarks:
         print(f"usage: byoc bench {{{','.join(benchmarks)}}} [options]", file=sys.stderr)
         return 2
@@ -44,7 +44,7 @@ def _bench(argv: Sequence[str]) -> int:
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "serve": (_serve, "run the container: sessions, admission, health, metrics, drain, registration"),
     "demo": (_demo, "run the demo"),
-    "bench": (_bench, "run a benchmark: pipeline"),
+    "bench": (_bench, "run a benchmark: pipeline (one session) or serve (sessions per process)"),
 }
 
 

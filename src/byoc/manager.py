@@ -61,9 +61,6 @@ class SessionManager:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def ids(self) -> list[str]:
-        return list(self._sessions)
-
     def get(self, stream_id: str) -> Session:
         try:
             return self._sessions[stream_id]
@@ -83,7 +80,8 @@ class SessionManager:
         return dict(self._stuck)
 
     def statistics(self) -> list[SessionStatistics]:
-        return [session.statistics() for session in self._sessions.values()]
+        """Every session's snapshot (safe to call from the API thread)."""
+        return [session.statistics() for session in list(self._sessions.values())]
 
     def totals(self) -> FrameTotals:
         """Frames since start-up: ended sessions plus the running ones (monotonic)."""

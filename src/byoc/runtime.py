@@ -25,13 +25,14 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 import aiohttp
-from aiohttp import web
 
 from byoc import __version__
 from byoc.api import build_app
+from byoc.apiserver import ApiServer
 from byoc.config import Settings
 from byoc.errors import ByocError
 from byoc.gpu import DeviceMemory, GpuMonitor, MemoryBudget
@@ -50,6 +51,9 @@ EXIT_HUNG = 1
 EXIT_LOAD_FAILED = 3
 _MB = 1024 * 1024
 _BUDGET_SAMPLE_S = 2.0
+_HEARTBEAT_S = 0.5
+_STALL_S = 5.0
+T = TypeVar("T")
 
 
 async def run_in_thread(call: Callable[[], object], name: str) -> None:
@@ -115,6 +119,8 @@ class Runtime:
         """The port actually bound (useful with port 0)."""
         self._listening = asyncio.Event()
         self._ready = asyncio.Event()
+        self._api: ApiServer | None = None
+        self._heartbeat = time.monotonic()
 
     # --- state (read by /health, /metrics and admission; never waits) ---------------------------
 
@@ -124,8 +130,17 @@ class Runtime:
             raise RuntimeError("the runtime is not serving")
         return self._manager
 
+    def on_main(self, work: Coroutine[Any, Any, T]) -> Awaitable[T]:
+        """Run ``work`` on the main loop (where sessions live) from an API handler."""
+        if self._api is None:
+            raise RuntimeError("the runtime is not serving")
+        return self._api.on_main(work)
+
+    def _stalled_for(self) -> float:
+        return time.monotonic() - self._heartbeat
+
     def runtime_state(self) -> RuntimeState:
-        if self._error is not None:
+        if self._error is not None or self._stalled_for() > _STALL_S:
             return RuntimeState.ERROR
         if self._loading:
             return RuntimeState.LOADING
@@ -135,12 +150,15 @@ class Runtime:
 
     def health_view(self) -> HealthView:
         registration = self._registrar.state if self._registrar is not None else None
+        error = self._error
+        if error is None and self._stalled_for() > _STALL_S:
+            error = f"the main event loop has not run for {self._stalled_for():.1f}s"
         return HealthView(
             self.runtime_state(),
             self.sessions_active(),
             self.settings.max_sessions,
             time.monotonic() - self._started,
-            self._error,
+            error,
             registration,
         )
 
@@ -195,13 +213,10 @@ class Runtime:
                 max_sessions=self.settings.max_sessions,
                 gate=self._admission_gate,
             )
-            runner = web.AppRunner(
-                build_app(self), access_log=None, handle_signals=False, shutdown_timeout=1.0
+            self._api = ApiServer(
+                build_app(self), self.settings.host, self.settings.port, asyncio.get_running_loop()
             )
-            await runner.setup()
-            site = web.TCPSite(runner, self.settings.host, self.settings.port)
-            await site.start()
-            self.port = runner.addresses[0][1] if runner.addresses else self.settings.port
+            self.port = await self._api.start()
             log.info(
                 "listening on %s:%s (processor %s)", self.settings.host, self.port, self.settings.processor
             )
@@ -209,9 +224,7 @@ class Runtime:
             try:
                 return await self._serve(http, shutdown)
             finally:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(2.0):
-                        await runner.cleanup()
+                await self._api.stop()
 
     async def _serve(self, http: aiohttp.ClientSession, shutdown: Awaitable[object] | None) -> int:
         try:
@@ -221,7 +234,10 @@ class Runtime:
             log.error("%s", self._error, exc_info=not isinstance(exc, ByocError))
             return EXIT_LOAD_FAILED
         async with asyncio.TaskGroup() as tasks:
-            background = [tasks.create_task(self._sample_gpu_budget(), name="gpu-budget")]
+            background = [
+                tasks.create_task(self._sample_gpu_budget(), name="gpu-budget"),
+                tasks.create_task(self._beat(), name="heartbeat"),
+            ]
             if self.settings.orchestrator_url:
                 self._registrar = Registrar.from_settings(http, self.settings)
                 registrar = self._registrar.run(is_idle=lambda: self.sessions_active() == 0)
@@ -253,6 +269,12 @@ class Runtime:
         self._loading = False
         self._ready.set()
         log.info("processor %s ready in %.2fs", reference, time.monotonic() - started)
+
+    async def _beat(self) -> None:
+        """Proof for /health (served on another thread) that the main loop is alive."""
+        while True:
+            self._heartbeat = time.monotonic()
+            await asyncio.sleep(_HEARTBEAT_S)
 
     async def _sample_gpu_budget(self) -> None:
         if not self.gpu.available:

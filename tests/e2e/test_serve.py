@@ -133,7 +133,7 @@ async def test_health_answers_fast_while_processors_saturate_the_machine(
         streams = harnesses[:4]
         assert await asyncio.gather(*(start(http, serve, h) for h in streams)) == [200] * 4
         poller = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.e2e.health_poller", str(serve.port), "3.5", "20", stdout=PIPE
+            sys.executable, "-m", "byoc.bench.probe", str(serve.port), "3.5", "20", stdout=PIPE
         )
         await asyncio.gather(*(h.publish(segments) for h in streams))
         polled = json.loads((await poller.communicate())[0])

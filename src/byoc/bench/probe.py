@@ -1,6 +1,7 @@
-"""Polls /health from a process of its own, so the test's own work cannot delay the measurement.
+"""Polls ``/health`` from a process of its own, so the caller's own work cannot delay the measurement.
 
-``python -m tests.e2e.health_poller PORT SECONDS HZ`` prints one JSON line: every latency (ms), every status.
+``python -m byoc.bench.probe PORT SECONDS HZ`` prints one JSON line: every latency (ms), every status.
+Each request opens a new connection, as a Kubernetes or Docker probe does.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import http.client
 import json
 import sys
 import time
+
+__all__ = ["poll"]
 
 
 def poll(port: int, seconds: float, hz: float) -> dict[str, list[float]]:

@@ -1,0 +1,77 @@
+"""The HTTP API on a thread and event loop of its own.
+
+The runtime's main loop carries every session's trickle I/O; the API loop carries only requests, so
+``/health`` and ``/metrics`` never queue behind media work. Handlers that change sessions hand their
+work to the main loop with :meth:`ApiServer.on_main` and wait for it there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+__all__ = ["ApiServer"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class ApiServer:
+    """Serves an aiohttp application from a dedicated thread."""
+
+    def __init__(
+        self, app: web.Application, host: str, port: int, main_loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self._app = app
+        self._host = host
+        self._port = port
+        self._main = main_loop
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._thread = threading.Thread(target=self._run, name="api", daemon=True)
+        self._started: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self._stop: asyncio.Event | None = None
+
+    async def start(self) -> int:
+        """Start listening; returns the bound port."""
+        self._thread.start()
+        return await asyncio.wrap_future(self._started)
+
+    async def stop(self, timeout: float = 2.0) -> None:  # noqa: ASYNC109
+        """Stop listening and end the thread."""
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        await asyncio.to_thread(self._thread.join, timeout)
+
+    async def on_main(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run ``work`` on the runtime's main loop and await its result from the API loop."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, self._main))
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:
+            if not self._started.done():
+                self._started.set_exception(exc)
+            else:
+                log.exception("the API server failed")
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        runner = web.AppRunner(self._app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self._host, self._port)
+            await site.start()
+            self._started.set_result(runner.addresses[0][1] if runner.addresses else self._port)
+            await self._stop.wait()
+        finally:
+            await runner.cleanup()

@@ -1,0 +1,282 @@
+"""``byoc bench serve``: how many real-time sessions one ``byoc serve`` process sustains.
+
+It starts ``byoc serve`` as a subprocess and a trickle server in this process, then for each step N
+(1, 2, 4, …) starts N sessions through ``/stream/start``, feeds each a 512x512 30 fps H.264 stream at
+real-time pace, and measures in the container:
+
+* output frames per second of every session (from ``/stream/status``) and the frames it dropped;
+* CPU milliseconds per output frame and resident memory of the container process (from /proc);
+* ``/health`` latency, polled at 20 Hz from a separate process (``byoc.bench.probe``).
+
+A step is real-time when every session delivers at least 95 % of the input frame rate and drops at
+most 1 % of its frames. It also reports the container's cold start (spawn to ``/health`` 200).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import aiohttp
+
+from byoc.media.synthetic import SyntheticStream, publish_live
+from byoc.stats import percentile
+from byoc.trickle.client import TrickleClientSettings, create_client_session
+from byoc.trickle.protocol import channel_url
+from byoc.trickle.publisher import TricklePublisher
+from byoc.trickle.server import RunningTrickle, serve_trickle
+
+__all__ = ["ServeReport", "StepReport", "run_serve_bench"]
+
+_LISTENING = re.compile(rb"listening on \S+:(\d+)")
+_FPS = 30.0
+
+
+@dataclass(frozen=True)
+class StepReport:
+    sessions: int
+    fps_min: float
+    fps_mean: float
+    dropped_fraction: float
+    cpu_ms_per_frame: float
+    cpu_cores: float
+    rss_mb: float
+    health_p50_ms: float
+    health_p99_ms: float
+    health_failures: int
+    real_time: bool
+
+
+@dataclass(frozen=True)
+class ServeReport:
+    processor: str
+    seconds: float
+    cold_start_s: float
+    base_rss_mb: float
+    steps: list[StepReport] = field(default_factory=list)
+
+    @property
+    def max_real_time(self) -> int:
+        return max((step.sessions for step in self.steps if step.real_time), default=0)
+
+    def lines(self) -> list[str]:
+        lines = [
+            f"byoc serve {self.processor}: cold start to ready {self.cold_start_s:.2f} s, "
+            f"idle RSS {self.base_rss_mb:.0f} MB; each step {self.seconds:.0f} s of 512x512 30 fps a session",
+            f"{'N':>3} {'fps min':>8} {'fps mean':>9} {'dropped':>8} {'CPU ms/fr':>10} {'cores':>6} "
+            f"{'RSS MB':>7} {'health p50':>11} {'p99':>7}  real-time",
+        ]
+        for s in self.steps:
+            lines.append(
+                f"{s.sessions:>3} {s.fps_min:>8.1f} {s.fps_mean:>9.1f} {s.dropped_fraction:>7.1%} "
+                f"{s.cpu_ms_per_frame:>10.2f} {s.cpu_cores:>6.2f} {s.rss_mb:>7.0f} {s.health_p50_ms:>9.1f}ms "
+                f"{s.health_p99_ms:>5.1f}ms  {'yes' if s.real_time else 'NO'}"
+            )
+        lines.append(f"largest real-time step: {self.max_real_time} sessions in one process")
+        return lines
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class _Container:
+    """``byoc serve`` as a subprocess."""
+
+    def __init__(self, processor: str, max_sessions: int) -> None:
+        self.args = [sys.executable, "-m", "byoc", "serve", processor, "--host", "127.0.0.1", "--port", "0"]
+        self.args += ["--max-sessions", str(max_sessions), "--log-level", "INFO"]
+        self.process: asyncio.subprocess.Process | None = None
+        self.port = 0
+        self.url = ""
+
+    async def start(self, http: aiohttp.ClientSession) -> float:
+        """Spawn it; returns the seconds until /health answered 200 (cold start)."""
+        began = time.monotonic()
+        self.process = await asyncio.create_subprocess_exec(*self.args, stderr=asyncio.subprocess.PIPE)
+        assert self.process.stderr is not None
+        while not self.port:
+            line = await self.process.stderr.readline()
+            if not line:
+                raise RuntimeError("byoc serve exited before it listened")
+            if match := _LISTENING.search(line):
+                self.port = int(match.group(1))
+        self.url = f"http://127.0.0.1:{self.port}"
+        asyncio.get_running_loop().create_task(self._drain_log())
+        while True:
+            async with http.get(f"{self.url}/health") as response:
+                if response.status == 200:
+                    return time.monotonic() - began
+            await asyncio.sleep(0.01)
+
+    async def _drain_log(self) -> None:
+        assert self.process is not None
+        assert self.process.stderr is not None
+        while await self.process.stderr.readline():
+            pass
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+            await self.process.wait()
+
+
+async def _step(
+    n: int,
+    container: _Container,
+    trickle: RunningTrickle,
+    http: aiohttp.ClientSession,
+    segments: list[list[bytes]],
+    seconds: float,
+) -> StepReport:
+    names = [f"bench{n}-{i}" for i in range(n)]
+    for name in names:
+        for suffix, mime in (("", "video/MP2T"), ("-out", "video/MP2T"), ("-control", "application/json")):
+            trickle.server.create_channel(name + suffix, mime)
+        trickle.server.create_channel(name + "-events", "application/json")
+    for name in names:
+        body = {
+            "gateway_request_id": name,
+            **{
+                f"{role}_url": channel_url(trickle.base_url, name + suffix)
+                for role, suffix in (
+                    ("subscribe", ""),
+                    ("publish", "-out"),
+                    ("control", "-control"),
+                    ("events", "-events"),
+                )
+            },
+            "params": None,
+        }
+        async with http.post(
+            f"{container.url}/stream/start", json=body, headers={"X-Stream-Id": name}
+        ) as response:
+            if response.status != 200:
+                raise RuntimeError(f"start {name}: {response.status} {await response.text()}")
+    publishers = [TricklePublisher(channel_url(trickle.base_url, name), session=http) for name in names]
+    warmup = 2.0  # measure after the sessions have settled
+    feeding = asyncio.gather(*(publish_live(p, segments) for p in publishers))
+    await asyncio.sleep(warmup)
+    cpu_before, began = _cpu_seconds(container.pid), time.monotonic()
+    frames_before = await _frames_out(http, container)
+    probe = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "byoc.bench.probe",
+        str(container.port),
+        str(seconds - warmup - 1),
+        "20",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    rss = 0.0
+    while probe.returncode is None:
+        rss = max(rss, _rss_mb(container.pid))
+        try:
+            async with asyncio.timeout(0.5):
+                await probe.wait()
+        except TimeoutError:
+            pass
+    polled = json.loads((await probe.communicate())[0])
+    async with http.get(f"{container.url}/stream/status") as response:
+        sessions = (await response.json())["sessions"]
+    cpu, elapsed = _cpu_seconds(container.pid) - cpu_before, time.monotonic() - began
+    frames = sum(s["output"]["frames"] for s in sessions) - frames_before
+    await feeding
+    for publisher in publishers:
+        await publisher.close()
+    while (await _active(http, container)) > 0:  # noqa: ASYNC110 - another process: polled over HTTP
+        await asyncio.sleep(0.1)
+    fps = [s["output"]["fps"] for s in sessions]
+    dropped = sum(sum(s["dropped"].values()) for s in sessions)
+    decoded = max(1, sum(s["input"]["frames"] for s in sessions))
+    latencies = sorted(polled["latencies_ms"])
+    return StepReport(
+        sessions=n,
+        fps_min=min(fps),
+        fps_mean=sum(fps) / len(fps),
+        dropped_fraction=dropped / decoded,
+        cpu_ms_per_frame=cpu * 1000 / max(frames, 1),
+        cpu_cores=cpu / elapsed,
+        rss_mb=rss,
+        health_p50_ms=percentile(latencies, 0.5) or 0.0,
+        health_p99_ms=percentile(latencies, 0.99) or 0.0,
+        health_failures=sum(1 for status in polled["statuses"] if status != 200),
+        real_time=min(fps) >= 0.95 * _FPS and dropped / decoded <= 0.01,
+    )
+
+
+async def _frames_out(http: aiohttp.ClientSession, container: _Container) -> int:
+    async with http.get(f"{container.url}/stream/status") as response:
+        return sum(s["output"]["frames"] for s in (await response.json())["sessions"])
+
+
+async def _active(http: aiohttp.ClientSession, container: _Container) -> int:
+    async with http.get(f"{container.url}/health") as response:
+        return int((await response.json()).get("sessions", 0))
+
+
+async def run_serve_bench(
+    steps: list[int], *, seconds: float = 10.0, processor: str = "passthrough", stop_when_late: bool = True
+) -> ServeReport:
+    source = SyntheticStream()
+    segments = [source.segment() for _ in range(int(seconds))]
+    async with serve_trickle() as trickle, create_client_session(TrickleClientSettings()) as http:
+        container = _Container(processor, max(steps))
+        try:
+            cold_start = await container.start(http)
+            report = ServeReport(processor, seconds, cold_start, _rss_mb(container.pid))
+            for n in steps:
+                step = await _step(n, container, trickle, http, segments, seconds)
+                report.steps.append(step)
+                print(report.lines()[2 + len(report.steps) - 1], file=sys.stderr, flush=True)
+                if stop_when_late and not step.real_time:
+                    break
+        finally:
+            await container.stop()
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="byoc bench serve", description=__doc__)
+    parser.add_argument("--sessions", default="1,2,4,6,8,10,12,14", help="the steps, e.g. 1,2,4,8")
+    parser.add_argument("--seconds", type=float, default=10.0, help="seconds of input per step")
+    parser.add_argument("--processor", default="passthrough")
+    parser.add_argument("--all-steps", action="store_true", help="go on after a step that is not real-time")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    steps = [int(part) for part in args.sessions.split(",") if part.strip()]
+    report = asyncio.run(
+        run_serve_bench(
+            steps, seconds=args.seconds, processor=args.processor, stop_when_late=not args.all_steps
+        )
+    )
+    if args.json:
+        print(json.dumps({**asdict(report), "max_real_time": report.max_real_time}))
+    else:
+        print("\n".join(report.lines()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
