@@ -197,7 +197,8 @@ class Runtime:
         await self._ready.wait()
 
     def request_drain(self) -> None:
-        """Start the ordered shutdown (what SIGTERM does)."""
+        """Start the ordered shutdown (what SIGTERM does): from now on /health and starts say 503."""
+        self._draining = True
         self._drain_requested.set()
 
     async def serve(self, shutdown: Awaitable[object] | None = None) -> int:
