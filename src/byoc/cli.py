@@ -26,6 +26,12 @@ def _serve(argv: Sequence[str]) -> int:
     return asyncio.run(Runtime(settings).serve())
 
 
+def _orchestrator(argv: Sequence[str]) -> int:
+    from byoc.orchestrator.app import main as orchestrator
+
+    return orchestrator(list(argv))
+
+
 def _demo(argv: Sequence[str]) -> int:
     from byoc.trickle.__main__ import run_demo
 
@@ -43,6 +49,7 @@ def _bench(argv: Sequence[str]) -> int:
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "serve": (_serve, "run the container: sessions, admission, health, metrics, drain, registration"),
+    "orchestrator": (_orchestrator, "run a local development orchestrator (port 8935)"),
     "demo": (_demo, "run the demo"),
     "bench": (_bench, "run a benchmark: pipeline (one session) or serve (sessions per process)"),
 }

@@ -53,6 +53,15 @@ async def metrics(http: aiohttp.ClientSession, serve: ServeProcess) -> dict[str,
     return {family.name: family.samples for family in text_string_to_metric_families(text)}
 
 
+async def sessions_settle_at(http: aiohttp.ClientSession, serve: ServeProcess, count: int) -> None:
+    async with asyncio.timeout(5):
+        while True:  # noqa: ASYNC110 - another process: polled over HTTP
+            async with http.get(f"{serve.url}/health") as response:
+                if (await response.json())["sessions"] == count:
+                    return
+            await asyncio.sleep(0.02)
+
+
 @pytest.fixture
 async def harnesses(
     trickle: RunningTrickle, http: aiohttp.ClientSession
@@ -101,6 +110,7 @@ async def test_four_sessions_admission_routing_and_metrics(
         ) as r:
             assert r.status == 200
         await first_four[0].readers_done()
+        await sessions_settle_at(http, serve, 3)  # its channels are gone; the container forgets it next
         assert (await metrics(http, serve))["byoc_sessions_active"][0].value == 3
         assert first_four[0].events[-1]["event"]["reason"] == "stopped"
         for h in first_four[1:]:

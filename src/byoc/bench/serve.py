@@ -18,13 +18,13 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import aiohttp
 
+from byoc.children import ByocProcess
 from byoc.media.synthetic import SyntheticStream, publish_live
 from byoc.stats import percentile
 from byoc.trickle.client import TrickleClientSettings, create_client_session
@@ -34,7 +34,6 @@ from byoc.trickle.server import RunningTrickle, serve_trickle
 
 __all__ = ["ServeReport", "StepReport", "run_serve_bench"]
 
-_LISTENING = re.compile(rb"listening on \S+:(\d+)")
 _FPS = 30.0
 
 
@@ -96,55 +95,9 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-class _Container:
-    """``byoc serve`` as a subprocess."""
-
-    def __init__(self, processor: str, max_sessions: int) -> None:
-        self.args = [sys.executable, "-m", "byoc", "serve", processor, "--host", "127.0.0.1", "--port", "0"]
-        self.args += ["--max-sessions", str(max_sessions), "--log-level", "INFO"]
-        self.process: asyncio.subprocess.Process | None = None
-        self.port = 0
-        self.url = ""
-
-    async def start(self, http: aiohttp.ClientSession) -> float:
-        """Spawn it; returns the seconds until /health answered 200 (cold start)."""
-        began = time.monotonic()
-        self.process = await asyncio.create_subprocess_exec(*self.args, stderr=asyncio.subprocess.PIPE)
-        assert self.process.stderr is not None
-        while not self.port:
-            line = await self.process.stderr.readline()
-            if not line:
-                raise RuntimeError("byoc serve exited before it listened")
-            if match := _LISTENING.search(line):
-                self.port = int(match.group(1))
-        self.url = f"http://127.0.0.1:{self.port}"
-        asyncio.get_running_loop().create_task(self._drain_log())
-        while True:
-            async with http.get(f"{self.url}/health") as response:
-                if response.status == 200:
-                    return time.monotonic() - began
-            await asyncio.sleep(0.01)
-
-    async def _drain_log(self) -> None:
-        assert self.process is not None
-        assert self.process.stderr is not None
-        while await self.process.stderr.readline():
-            pass
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.terminate()
-            await self.process.wait()
-
-
 async def _step(
     n: int,
-    container: _Container,
+    container: ByocProcess,
     trickle: RunningTrickle,
     http: aiohttp.ClientSession,
     segments: list[list[bytes]],
@@ -226,12 +179,12 @@ async def _step(
     )
 
 
-async def _frames_out(http: aiohttp.ClientSession, container: _Container) -> int:
+async def _frames_out(http: aiohttp.ClientSession, container: ByocProcess) -> int:
     async with http.get(f"{container.url}/stream/status") as response:
         return sum(s["output"]["frames"] for s in (await response.json())["sessions"])
 
 
-async def _active(http: aiohttp.ClientSession, container: _Container) -> int:
+async def _active(http: aiohttp.ClientSession, container: ByocProcess) -> int:
     async with http.get(f"{container.url}/health") as response:
         return int((await response.json()).get("sessions", 0))
 
@@ -242,9 +195,14 @@ async def run_serve_bench(
     source = SyntheticStream()
     segments = [source.segment() for _ in range(int(seconds))]
     async with serve_trickle() as trickle, create_client_session(TrickleClientSettings()) as http:
-        container = _Container(processor, max(steps))
+        container = ByocProcess(
+            "serve", processor, "--host", "127.0.0.1", "--port", "0", "--max-sessions", str(max(steps))
+        )
         try:
-            cold_start = await container.start(http)
+            began = time.monotonic()
+            await container.start()
+            await container.wait_healthy(http)
+            cold_start = time.monotonic() - began
             report = ServeReport(processor, seconds, cold_start, _rss_mb(container.pid))
             for n in steps:
                 step = await _step(n, container, trickle, http, segments, seconds)
@@ -253,7 +211,7 @@ async def run_serve_bench(
                 if stop_when_late and not step.real_time:
                     break
         finally:
-            await container.stop()
+            await container.kill()
     return report
 
 

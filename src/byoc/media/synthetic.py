@@ -14,7 +14,7 @@ import functools
 import io
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Protocol
@@ -22,12 +22,14 @@ from typing import Any, Protocol
 import av
 import numpy as np
 
+from byoc.media.ts import shift_timestamps
+
 
 class _SegmentPublisher(Protocol):
     def segment(self) -> Any: ...
 
 
-__all__ = ["INDEX_BITS", "SyntheticStream", "pattern", "publish_live", "read_frame_index"]
+__all__ = ["INDEX_BITS", "LoopingSource", "SyntheticStream", "pattern", "publish_live", "read_frame_index"]
 
 INDEX_BITS = 16
 _ROWS = 2  # the index, then its complement as a check
@@ -109,7 +111,8 @@ class SyntheticStream:
     def segment(self) -> list[bytes]:
         """The next segment, as one chunk of TS bytes per video frame (the first has the tables)."""
         sink = io.BytesIO()
-        container = av.open(sink, "w", format="mpegts", options={"flush_packets": "1", "max_delay": "0"})
+        options = {"flush_packets": "1", "max_delay": "0", "mpegts_flags": "initial_discontinuity"}
+        container = av.open(sink, "w", format="mpegts", options=options)
         video = container.add_mux_stream("h264", rate=self.fps, width=self.width, height=self.height)
         video.time_base = _TIME_BASE
         sound = None
@@ -223,15 +226,17 @@ def _with_adts_header(packet: av.Packet[Any], rate: int) -> av.Packet[Any]:
 
 async def publish_live(
     publisher: _SegmentPublisher,
-    segments: Sequence[list[bytes]],
+    segments: Iterable[list[bytes]],
     *,
     fps: float = 30.0,
     realtime: bool = True,
     clock: Callable[[], float] = time.monotonic,
+    on_segment: Callable[[list[bytes], float], None] | None = None,
 ) -> list[float]:
     """Publish segments as a live encoder would: each frame's bytes when the frame is due.
 
-    Returns the time (``clock()``) at which each segment was complete.
+    Returns the time (``clock()``) at which each segment was complete (``on_segment`` gets each
+    segment and that time as it happens, for endless sources).
     """
     ends: list[float] = []
     start = clock()
@@ -244,4 +249,35 @@ async def publish_live(
                 await segment.write(chunk)
                 frame += 1
         ends.append(clock())
+        if on_segment is not None:
+            on_segment(chunks, ends[-1])
     return ends
+
+
+class LoopingSource:
+    """A synthetic stream that never ends, at almost no CPU: a few encoded seconds replayed in a loop.
+
+    Each replay moves every timestamp forward by the loop's length, so the stream a consumer sees has
+    continuous, increasing timestamps (the frame index drawn in the pixels repeats with the loop).
+    """
+
+    def __init__(self, seconds: int = 4, **stream: Any) -> None:
+        source = SyntheticStream(**stream)
+        self._loop = [source.segment() for _ in range(seconds)]
+        self._loop_ticks = seconds * source.segment_frames * source.frame_ticks
+        self.fps = source.fps
+        self.first_pts = source.start_pts
+        self._position = 0
+
+    def __iter__(self) -> Iterator[list[bytes]]:
+        while True:
+            yield self.segment()
+
+    def segment(self) -> list[bytes]:
+        """The next segment, as per-frame chunks."""
+        rounds, index = divmod(self._position, len(self._loop))
+        self._position += 1
+        chunks = self._loop[index]
+        if rounds == 0:
+            return chunks
+        return [shift_timestamps(chunk, rounds * self._loop_ticks) for chunk in chunks]

@@ -16,7 +16,17 @@ next segment's first video PES from its bytes so the decoder can restore it.
 
 from __future__ import annotations
 
-__all__ = ["FLUSH_ACCESS_UNIT", "PACKET_SIZE", "SYNC_BYTE", "first_video_pts", "video_flush_packets"]
+__all__ = [
+    "FLUSH_ACCESS_UNIT",
+    "PACKET_SIZE",
+    "SYNC_BYTE",
+    "count_pes_starts",
+    "first_video_pts",
+    "shift_timestamps",
+    "video_flush_packets",
+]
+
+_WRAP = 1 << 33
 
 PACKET_SIZE = 188
 SYNC_BYTE = 0x47
@@ -66,3 +76,66 @@ def first_video_pts(data: bytes, pid: int) -> int | None:
             continue
         return _pes_pts(packet[start:])
     return None
+
+
+def count_pes_starts(data: bytes, pid: int) -> int:
+    """How many PES packets start on ``pid`` in TS-aligned ``data`` (for video: how many frames)."""
+    count = 0
+    for offset in range(0, len(data) - PACKET_SIZE + 1, PACKET_SIZE):
+        if (
+            data[offset] == SYNC_BYTE
+            and data[offset + 1] & 0x40
+            and ((data[offset + 1] & 0x1F) << 8 | data[offset + 2]) == pid
+        ):
+            count += 1
+    return count
+
+
+def _read_timestamp(field: bytes | bytearray) -> int:
+    return (
+        ((field[0] >> 1) & 0x07) << 30
+        | field[1] << 22
+        | (field[2] >> 1) << 15
+        | field[3] << 7
+        | field[4] >> 1
+    )
+
+
+def _write_timestamp(packet: bytearray, at: int, value: int) -> None:
+    prefix = packet[at] & 0xF0  # '0010', '0011' or '0001' and keep the marker bits
+    packet[at] = prefix | ((value >> 29) & 0x0E) | 0x01
+    packet[at + 1] = (value >> 22) & 0xFF
+    packet[at + 2] = ((value >> 14) & 0xFE) | 0x01
+    packet[at + 3] = (value >> 7) & 0xFF
+    packet[at + 4] = ((value << 1) & 0xFE) | 0x01
+
+
+def shift_timestamps(data: bytes, ticks: int) -> bytes:
+    """TS-aligned ``data`` with every PCR, PTS and DTS moved by ``ticks`` (90 kHz), e.g. to replay a loop."""
+    out = bytearray(data)
+    for offset in range(0, len(out) - PACKET_SIZE + 1, PACKET_SIZE):
+        if out[offset] != SYNC_BYTE:
+            continue
+        control = (out[offset + 3] >> 4) & 0x3
+        payload = offset + 4
+        if control & 0x2:
+            length = out[offset + 4]
+            if length and out[offset + 5] & 0x10:  # PCR: 33-bit base, 6 reserved bits, 9-bit extension
+                at = offset + 6
+                base = (
+                    out[at] << 25 | out[at + 1] << 17 | out[at + 2] << 9 | out[at + 3] << 1 | out[at + 4] >> 7
+                )
+                base = (base + ticks) % _WRAP
+                out[at : at + 4] = (base >> 1).to_bytes(4, "big")
+                out[at + 4] = ((base & 1) << 7) | (out[at + 4] & 0x7F)
+            payload += 1 + length
+        if not control & 0x1 or not out[offset + 1] & 0x40 or payload + 14 > offset + PACKET_SIZE:
+            continue
+        if out[payload : payload + 3] != b"\x00\x00\x01":
+            continue
+        flags = out[payload + 7] >> 6
+        if flags & 0x2:  # PTS, and with it maybe a DTS
+            for index in range(2 if flags == 3 else 1):
+                at = payload + 9 + 5 * index
+                _write_timestamp(out, at, (_read_timestamp(out[at : at + 5]) + ticks) % _WRAP)
+    return bytes(out)

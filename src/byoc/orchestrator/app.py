@@ -1,0 +1,301 @@
+"""``byoc orchestrator``: the local development orchestrator's HTTP server.
+
+===== ==================================== =========================================================
+POST  /capability/register, /unregister    go-livepeer's registration (raw secret, 400 on a wrong one)
+POST  /live-video-to-video                 start a stream: ``{"model_id", "params"?, "stream_id"?,
+                                           "source": "synthetic"|"none", "duration_s"?, "data"?}``
+POST  /live-video-to-video/{id}/update     parameters, forwarded to the container's /stream/params
+POST  /live-video-to-video/{id}/stop       stop: the container's /stream/stop, then the channels close
+GET   /status                              every stream with its statistics, and the capabilities
+*     /ai/trickle/...                      the trickle channels (auto-create off)
+===== ==================================== =========================================================
+
+A JSON body without a Content-Type (``curl -d``) works everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import secrets
+import signal
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from byoc.orchestrator.registry import Capability, CapabilityRegistry
+from byoc.orchestrator.streams import LocalStream, StreamRequest
+from byoc.trickle.client import TrickleClientSettings, create_client_session
+from byoc.trickle.server import TrickleServer
+
+__all__ = ["DEFAULT_SECRET", "LocalOrchestrator", "OrchestratorSettings"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SECRET = "byoc-local-secret"
+
+
+@dataclass(frozen=True)
+class OrchestratorSettings:
+    host: str = "127.0.0.1"
+    port: int = 8935
+    secret: str = DEFAULT_SECRET
+    service_url: str | None = None
+    """The base URL containers reach this orchestrator at (default http://HOST:PORT)."""
+    containers: tuple[Capability, ...] = field(default_factory=tuple)
+    """Containers known up front, without registration."""
+
+    def url(self, port: int) -> str:
+        if self.service_url:
+            return self.service_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{port}"
+
+
+class _BadRequest(Exception):
+    pass
+
+
+def _stream_request(raw: bytes) -> StreamRequest:
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError as exc:
+        raise _BadRequest(f"body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise _BadRequest("body must be a JSON object")
+    model_id = body.get("model_id")
+    if not isinstance(model_id, str) or not model_id:
+        raise _BadRequest("model_id (a string) is required")
+    params = body.get("params")
+    if params is not None and not isinstance(params, dict):
+        raise _BadRequest("params must be an object")
+    stream_id = body.get("stream_id") or f"{model_id}-{secrets.token_hex(4)}"
+    if not isinstance(stream_id, str) or "/" in stream_id:
+        raise _BadRequest("stream_id must be a string without '/'")
+    source = body.get("source", "synthetic")
+    if source not in ("synthetic", "none"):
+        raise _BadRequest("source must be 'synthetic' or 'none'")
+    duration = body.get("duration_s")
+    if duration is not None and (
+        isinstance(duration, bool)
+        or not isinstance(duration, int | float)
+        or not math.isfinite(duration)
+        or duration <= 0
+    ):
+        raise _BadRequest("duration_s must be a positive number")
+    return StreamRequest(
+        model_id=model_id,
+        stream_id=stream_id,
+        params=params,
+        source=source,
+        duration_s=None if duration is None else float(duration),
+        data=bool(body.get("data", False)),
+        audio=bool(body.get("audio", False)),
+    )
+
+
+class LocalOrchestrator:
+    """The trickle server, the capability registry and the streams, behind one HTTP server."""
+
+    def __init__(self, settings: OrchestratorSettings | None = None) -> None:
+        self.settings = settings or OrchestratorSettings()
+        self.trickle = TrickleServer(base_path="/ai/trickle/")
+        self.registry = CapabilityRegistry(self.settings.secret)
+        for capability in self.settings.containers:
+            self.registry.add(capability)
+        self.streams: dict[str, LocalStream] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._http: aiohttp.ClientSession | None = None
+        self.port: int | None = None
+        self._listening = asyncio.Event()
+        self._shutdown = asyncio.Event()
+
+    # --- serving --------------------------------------------------------------------------------
+
+    def build_app(self) -> web.Application:
+        app = web.Application(client_max_size=10 * 1024 * 1024)
+        self.trickle.add_routes(app)
+        self.registry.add_routes(app)
+        app.router.add_post("/live-video-to-video", self._start)
+        app.router.add_post("/live-video-to-video/{id}/update", self._update)
+        app.router.add_post("/live-video-to-video/{id}/stop", self._stop)
+        app.router.add_get("/status", self._status)
+        return app
+
+    async def wait_listening(self) -> None:
+        await self._listening.wait()
+
+    def request_shutdown(self) -> None:
+        self._shutdown.set()
+
+    async def serve(self, shutdown: Awaitable[object] | None = None) -> int:
+        """Serve until SIGTERM/SIGINT, :meth:`request_shutdown` or ``shutdown``."""
+        loop = asyncio.get_running_loop()
+        for number in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(number, self.request_shutdown)
+        # The orchestrator talks to containers over plain HTTP on the machine: no TLS to verify.
+        async with create_client_session(TrickleClientSettings()) as http:
+            self._http = http
+            runner = web.AppRunner(
+                self.build_app(), access_log=None, handle_signals=False, shutdown_timeout=2.0
+            )
+            await runner.setup()
+            try:
+                site = web.TCPSite(runner, self.settings.host, self.settings.port)
+                await site.start()
+                self.port = runner.addresses[0][1] if runner.addresses else self.settings.port
+                log.info(
+                    "local orchestrator listening on %s:%s (trickle at %s/ai/trickle/)",
+                    self.settings.host,
+                    self.port,
+                    self.base_url,
+                )
+                self._listening.set()
+                waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(self._shutdown.wait())]
+                if shutdown is not None:
+                    waiters.append(asyncio.ensure_future(shutdown))
+                try:
+                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for waiter in waiters:
+                        waiter.cancel()
+                await self._stop_everything()
+            finally:
+                await runner.cleanup()
+        return 0
+
+    @property
+    def base_url(self) -> str:
+        return self.settings.url(self.port or self.settings.port)
+
+    async def _stop_everything(self) -> None:
+        log.info("stopping %d streams", len(self.streams))
+        await asyncio.gather(
+            *(stream.stop(b"orchestrator shutting down") for stream in list(self.streams.values()))
+        )
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=10)
+
+    # --- routes ---------------------------------------------------------------------------------
+
+    async def _start(self, request: web.Request) -> web.Response:
+        assert self._http is not None
+        try:
+            wanted = _stream_request(await request.read())
+        except _BadRequest as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        if wanted.stream_id in self.streams:
+            return web.json_response({"error": f"stream {wanted.stream_id!r} exists"}, status=409)
+        capability = self.registry.pick(wanted.model_id)
+        if capability is None:
+            known = wanted.model_id in self.registry.capabilities
+            reason = (
+                f"every container for model {wanted.model_id!r} is at capacity"
+                if known
+                else f"no container is registered for model {wanted.model_id!r}"
+            )
+            return web.json_response({"error": reason, "model_id": wanted.model_id}, status=503)
+        capability.load += 1  # reserved before the container is called, as go-livepeer does
+        stream = LocalStream(wanted, capability, self.trickle, self.base_url + "/ai/trickle/", self._http)
+        self.streams[stream.stream_id] = stream
+        status, body = await stream.start()
+        if status == 401:
+            log.warning("container %s answered 401: capability %s removed", capability.url, capability.name)
+            self.registry.capabilities.pop(capability.name, None)
+        if status >= 400:
+            capability.load -= 1
+            del self.streams[stream.stream_id]
+            content_type = "application/json" if body.lstrip().startswith((b"{", b"[")) else "text/plain"
+            return web.Response(status=status, body=body, content_type=content_type)
+        task = asyncio.create_task(self._run(stream), name=f"stream {stream.stream_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        urls = stream.urls
+        answer = {
+            "stream_id": stream.stream_id,
+            "publish_url": urls["input"],  # where an external source publishes (source "none")
+            "subscribe_url": urls["output"],
+            "control_url": urls["control"],
+            "events_url": urls["events"],
+            **({"data_url": urls["data"]} if "data" in urls else {}),
+        }
+        headers = {
+            f"X-{key.split('_')[0].title()}-Url": value
+            for key, value in answer.items()
+            if key.endswith("url")
+        }
+        return web.json_response(answer, headers=headers)
+
+    async def _run(self, stream: LocalStream) -> None:
+        try:
+            await stream.run()
+        finally:
+            stream.capability.load -= 1
+            self.streams.pop(stream.stream_id, None)
+
+    async def _update(self, request: web.Request) -> web.Response:
+        stream = self.streams.get(request.match_info["id"])
+        if stream is None:
+            return web.json_response({"error": "no such stream"}, status=404)
+        status, body = await stream.update(await request.read())
+        return web.Response(status=status, body=body, content_type="application/json")
+
+    async def _stop(self, request: web.Request) -> web.Response:
+        stream = self.streams.get(request.match_info["id"])
+        if stream is None:
+            return web.json_response({"error": "no such stream"}, status=404)
+        await stream.stop(await request.read() or b"stream ended")
+        await stream.wait_ended()
+        return web.json_response({"stream_id": stream.stream_id, "status": "stopped"})
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "streams": [stream.statistics() for stream in self.streams.values()],
+                "capabilities": [c.public() for c in self.registry.capabilities.values()],
+            }
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``byoc orchestrator``: run the local development orchestrator."""
+    import argparse
+
+    from byoc.logs import configure_logging
+
+    parser = argparse.ArgumentParser(
+        prog="byoc orchestrator",
+        description="A local DEVELOPMENT orchestrator for BYOC containers. It sends containers what "
+        "go-livepeer's orchestrator sends (registration, /stream/start|params|stop, trickle channels) and "
+        "plays the gateway with a synthetic input, so the production checklist's curl loop works on a "
+        "laptop. It is not a replacement for go-livepeer: no payments, no gateways, no network.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8935, help="port (default 8935, like go-livepeer)")
+    parser.add_argument(
+        "--orch-secret", default=DEFAULT_SECRET, help=f"registration secret (default {DEFAULT_SECRET})"
+    )
+    parser.add_argument("--service-url", help="base URL containers reach this orchestrator at")
+    parser.add_argument("--container", help="a container's URL, known without registration")
+    parser.add_argument("--model-id", default="byoc", help="the capability (model id) of --container")
+    parser.add_argument("--capacity", type=int, default=1, help="sessions --container accepts")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    containers: tuple[Capability, ...] = ()
+    if args.container:
+        containers = (Capability(name=args.model_id, url=args.container.rstrip("/"), capacity=args.capacity),)
+    settings = OrchestratorSettings(
+        host=args.host,
+        port=args.port,
+        secret=args.orch_secret,
+        service_url=args.service_url,
+        containers=containers,
+    )
+    return asyncio.run(LocalOrchestrator(settings).serve())

@@ -1,0 +1,299 @@
+"""One stream as the local orchestrator runs it: channels, the container's start/params/stop, and
+(with the synthetic source) the gateway's side — input, keep-alives, and readers of what comes back.
+
+What the container receives is what go-livepeer's orchestrator sends (protocol.md §2.3 to §2.5): the
+start body with ``gateway_request_id``, the channel URLs and ``params``, ``X-Stream-Id``, and
+``Authorization: Bearer`` when the capability registered a token; the raw update body to
+``/stream/params``; a plain-text body without Content-Type to ``/stream/stop``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from byoc.errors import TrickleError
+from byoc.media.synthetic import LoopingSource, publish_live
+from byoc.media.ts import count_pes_starts, first_video_pts
+from byoc.orchestrator.registry import Capability
+from byoc.stats import percentile
+from byoc.trickle.channels import KEEPALIVE
+from byoc.trickle.protocol import channel_url
+from byoc.trickle.publisher import TricklePublisher
+from byoc.trickle.server import TrickleServer
+from byoc.trickle.subscriber import TrickleSubscriber
+
+__all__ = ["KEEPALIVE_INTERVAL_S", "LocalStream", "StreamRequest"]
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE_INTERVAL_S = 10.0
+_VIDEO_PID = 0x100
+_START_TIMEOUT_S = 30.0
+_STOP_TIMEOUT_S = 10.0
+
+_CHANNELS = {  # role -> (suffix, MIME type), as go-livepeer names and types them (protocol.md §2.2)
+    "input": ("", "video/MP2T"),
+    "output": ("-out", "video/MP2T"),
+    "control": ("-control", "application/json"),
+    "events": ("-events", "application/json"),
+    "data": ("-data", "application/jsonl"),
+}
+
+
+@dataclass(frozen=True)
+class StreamRequest:
+    model_id: str
+    stream_id: str
+    params: dict[str, Any] | None = None
+    source: str = "synthetic"
+    duration_s: float | None = None
+    data: bool = False
+    audio: bool = False
+
+
+@dataclass
+class _Figures:
+    frames_out: int = 0
+    output_segments: int = 0
+    input_segments: int = 0
+    last_status: dict[str, Any] | None = None
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=120))
+    data_messages: int = 0
+
+
+class LocalStream:
+    """A stream between the local orchestrator and one container."""
+
+    def __init__(
+        self,
+        request: StreamRequest,
+        capability: Capability,
+        trickle: TrickleServer,
+        trickle_url: str,
+        http: aiohttp.ClientSession,
+    ) -> None:
+        self.request = request
+        self.stream_id = request.stream_id
+        self.capability = capability
+        self._trickle = trickle
+        self._http = http
+        roles = [role for role in _CHANNELS if role != "data" or request.data]
+        self.channels = {role: self.stream_id + _CHANNELS[role][0] for role in roles}
+        self.urls = {role: channel_url(trickle_url, name) for role, name in self.channels.items()}
+        self.state = "starting"
+        self.end_reason: str | None = None
+        self.started_at = time.time()
+        self._figures = _Figures()
+        self._segment_ends: deque[tuple[float, int]] = deque(maxlen=6)  # (when, frames) of output segments
+        self._input_ends: dict[int, float] = {}
+        self._stopping = asyncio.Event()
+        self._ended = asyncio.Event()
+
+    # --- talking to the container ---------------------------------------------------------------
+
+    def _headers(self, **extra: str) -> dict[str, str]:
+        headers = {"X-Stream-Id": self.stream_id, **extra}
+        if self.capability.token:
+            headers["Authorization"] = f"Bearer {self.capability.token}"
+        return headers
+
+    def start_body(self) -> dict[str, Any]:
+        """The body go-livepeer's orchestrator posts to ``{url}/stream/start``."""
+        urls = self.urls
+        body: dict[str, Any] = {
+            "gateway_request_id": self.stream_id,
+            "control_url": urls["control"],
+            "events_url": urls["events"],
+            "subscribe_url": urls["input"],
+            "publish_url": urls["output"],
+        }
+        if "data" in urls:
+            body["data_url"] = urls["data"]
+        body["params"] = self.request.params
+        return body
+
+    async def start(self) -> tuple[int, bytes]:
+        """Create the channels and ask the container to start; on failure everything is undone."""
+        for role, name in self.channels.items():
+            self._trickle.create_channel(name, _CHANNELS[role][1])
+        status, body = 0, b""
+        try:
+            async with asyncio.timeout(_START_TIMEOUT_S):
+                async with self._http.post(
+                    f"{self.capability.url}/stream/start",
+                    data=json.dumps(self.start_body()).encode(),
+                    headers=self._headers(**{"Content-Type": "application/json"}),
+                ) as response:
+                    status, body = response.status, await response.read()
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            status, body = 500, f"Error sending request to worker: {exc}".encode()
+        if status >= 400:  # go-livepeer treats anything below 400 as started
+            self._close_channels()
+        return status, body
+
+    async def update(self, body: bytes) -> tuple[int, bytes]:
+        async with self._http.post(
+            f"{self.capability.url}/stream/params",
+            data=body,
+            headers=self._headers(**{"Content-Type": "application/json"}),
+        ) as response:
+            return response.status, await response.read()
+
+    async def stop(self, body: bytes = b"stream ended") -> None:
+        """Tell the container (no Content-Type, plain text), then close every channel."""
+        if self._ended.is_set():
+            return
+        self.end_reason = self.end_reason or "stopped"
+        with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+            async with asyncio.timeout(_STOP_TIMEOUT_S):
+                async with self._http.post(
+                    f"{self.capability.url}/stream/stop", data=body, headers=self._headers()
+                ) as response:
+                    await response.read()
+        self._stopping.set()
+
+    def _close_channels(self) -> None:
+        for name in self.channels.values():
+            self._trickle.close_channel(name)
+
+    # --- running --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Until the duration elapses, a stop, or the container ends the stream; then clean up."""
+        self.state = "running"
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                watchers = [
+                    tasks.create_task(self._read_output(), name=f"{self.stream_id}:output"),
+                    tasks.create_task(self._read_events(), name=f"{self.stream_id}:events"),
+                    tasks.create_task(self._keepalive(), name=f"{self.stream_id}:keepalive"),
+                ]
+                if "data" in self.urls:
+                    watchers.append(tasks.create_task(self._read_data(), name=f"{self.stream_id}:data"))
+                if self.request.source == "synthetic":
+                    watchers.append(tasks.create_task(self._feed(), name=f"{self.stream_id}:input"))
+                if self.request.duration_s:
+                    watchers.append(tasks.create_task(self._expire(self.request.duration_s)))
+                await self._stopping.wait()
+                for task in watchers:
+                    task.cancel()
+        finally:
+            self._close_channels()
+            self.state = "ended"
+            self._ended.set()
+
+    async def wait_ended(self) -> None:
+        await self._ended.wait()
+
+    def _container_ended(self, reason: str) -> None:
+        if not self._stopping.is_set():
+            self.end_reason = self.end_reason or reason
+            log.info("stream %s: ended by the container (%s)", self.stream_id, reason)
+            self._stopping.set()
+
+    async def _expire(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        self.end_reason = "duration elapsed"
+        await self.stop()
+
+    async def _feed(self) -> None:
+        publisher = TricklePublisher(self.urls["input"], session=self._http)
+        source = LoopingSource(audio="aac" if self.request.audio else None)
+
+        def segment_done(chunks: list[bytes], ended_at: float) -> None:
+            self._figures.input_segments += 1
+            pts = first_video_pts(chunks[0], _VIDEO_PID)
+            if pts is not None:
+                self._input_ends[pts] = ended_at
+                while len(self._input_ends) > 64:
+                    self._input_ends.pop(next(iter(self._input_ends)))
+
+        with contextlib.suppress(TrickleError):
+            await publish_live(publisher, source, on_segment=segment_done)
+
+    async def _keepalive(self) -> None:
+        publisher = TricklePublisher(self.urls["control"], session=self._http, mime_type="application/json")
+        message = json.dumps(dict(KEEPALIVE)).encode()
+        with contextlib.suppress(TrickleError):
+            while True:
+                await publisher.write_segment(message)
+                await asyncio.sleep(KEEPALIVE_INTERVAL_S)
+
+    async def _read_output(self) -> None:
+        try:
+            async with TrickleSubscriber(self.urls["output"], session=self._http, start_seq=0) as subscriber:
+                async for segment in subscriber:
+                    data = await segment.read()
+                    ended = time.monotonic()
+                    frames = count_pes_starts(data, _VIDEO_PID)
+                    self._figures.frames_out += frames
+                    self._figures.output_segments += 1
+                    self._segment_ends.append((ended, frames))
+                    pts = first_video_pts(data, _VIDEO_PID)
+                    if pts is not None and pts in self._input_ends:
+                        self._figures.latencies_ms.append((ended - self._input_ends[pts]) * 1000)
+        except TrickleError:
+            pass
+        self._container_ended("output ended")
+
+    async def _read_events(self) -> None:
+        try:
+            async with TrickleSubscriber(self.urls["events"], session=self._http, start_seq=0) as subscriber:
+                async for segment in subscriber:
+                    with contextlib.suppress(ValueError):
+                        document = json.loads(await segment.read())
+                        event = document.get("event", document) if isinstance(document, dict) else {}
+                        if isinstance(event, dict) and event.get("type") in ("status", "stream_stopped"):
+                            self._figures.last_status = event
+        except TrickleError:
+            pass
+        self._container_ended("events ended")
+
+    async def _read_data(self) -> None:
+        with contextlib.suppress(TrickleError):
+            async with TrickleSubscriber(self.urls["data"], session=self._http, start_seq=0) as subscriber:
+                async for segment in subscriber:
+                    self._figures.data_messages += (await segment.read()).count(b"\n")
+
+    # --- reporting ------------------------------------------------------------------------------
+
+    def _fps(self) -> float:
+        """Output frames per second over the last few segments (frames after the first / time between)."""
+        ends = list(self._segment_ends)
+        if len(ends) < 2 or time.monotonic() - ends[-1][0] > 5.0:
+            return 0.0
+        span = ends[-1][0] - ends[0][0]
+        return sum(frames for _, frames in ends[1:]) / span if span > 0 else 0.0
+
+    def statistics(self) -> dict[str, Any]:
+        figures = self._figures
+        latencies = sorted(figures.latencies_ms)
+        status = figures.last_status or {}
+        dropped = status.get("dropped_frames") or status.get("statistics", {}).get("dropped") or {}
+        return {
+            "stream_id": self.stream_id,
+            "model_id": self.request.model_id,
+            "container": self.capability.url,
+            "state": self.state,
+            "end_reason": self.end_reason,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "input_segments": figures.input_segments,
+            "output_segments": figures.output_segments,
+            "frames_out": figures.frames_out,
+            "fps": round(self._fps(), 1),
+            "latency_ms_p50": percentile(latencies, 0.5),
+            "latency_ms_p95": percentile(latencies, 0.95),
+            "dropped_frames": sum(dropped.values()) if isinstance(dropped, dict) else None,
+            "data_messages": figures.data_messages,
+            "last_status": status.get("state") or status.get("type"),
+            "urls": self.urls,
+        }
