@@ -33,9 +33,9 @@ def _orchestrator(argv: Sequence[str]) -> int:
 
 
 def _demo(argv: Sequence[str]) -> int:
-    from byoc.trickle.__main__ import run_demo
+    from byoc.demo import main as demo
 
-    return asyncio.run(run_demo())
+    return demo(list(argv))
 
 
 def _bench(argv: Sequence[str]) -> int:
@@ -50,7 +50,7 @@ def _bench(argv: Sequence[str]) -> int:
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "serve": (_serve, "run the container: sessions, admission, health, metrics, drain, registration"),
     "orchestrator": (_orchestrator, "run a local development orchestrator (port 8935)"),
-    "demo": (_demo, "run the demo"),
+    "demo": (_demo, "run the demo: a local orchestrator, a container, three live streams"),
     "bench": (_bench, "run a benchmark: pipeline (one session) or serve (sessions per process)"),
 }
 

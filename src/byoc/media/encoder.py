@@ -176,6 +176,7 @@ class Encoder:
 
     def _run(self) -> None:
         try:
+            self._video_encoder()  # open x264 now: the first frame must not wait for it
             while True:
                 try:
                     item = self._source.get()
@@ -243,9 +244,10 @@ class Encoder:
             encoder.time_base, encoder.framerate = TIME_BASE, Fraction(s.fps, 1)
             encoder.thread_count = 1
             encoder.options = x264_options(s)
+            encoder.open()
             self._video = encoder
-            if self._want_audio:
-                self._audio = self._audio_encoder()
+        if self._want_audio and self._audio is None:
+            self._audio = self._audio_encoder()
         return self._video
 
     def _audio_encoder(self) -> av.AudioCodecContext:

@@ -58,6 +58,7 @@ class StageQueue(Generic[T]):
         self._waker: Callable[[], None] | None = None
         self._service_s = 0.0  # the consumer's recent time per frame
         self._handed_out_at: float | None = None
+        self._warmup = 2  # the first frames also pay for the consumer's start-up (an encoder opening)
         self.dropped = 0
 
     def set_waker(self, waker: Callable[[], None] | None) -> None:
@@ -116,8 +117,11 @@ class StageQueue(Generic[T]):
         """The consumer asks again: it was busy with the last frame since it was handed out."""
         if self._handed_out_at is not None:
             busy = self._clock() - self._handed_out_at
-            self._service_s = busy if self._service_s == 0.0 else 0.7 * self._service_s + 0.3 * busy
             self._handed_out_at = None
+            if self._warmup:
+                self._warmup -= 1
+                return
+            self._service_s = busy if self._service_s == 0.0 else 0.7 * self._service_s + 0.3 * busy
 
     def _pop(self, dropped: list[T]) -> T:
         now = self._clock()

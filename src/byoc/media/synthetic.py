@@ -258,15 +258,12 @@ class LoopingSource:
     """A synthetic stream that never ends, at almost no CPU: a few encoded seconds replayed in a loop.
 
     Each replay moves every timestamp forward by the loop's length, so the stream a consumer sees has
-    continuous, increasing timestamps (the frame index drawn in the pixels repeats with the loop).
+    continuous, increasing timestamps (the frame index drawn in the pixels repeats with the loop). The
+    loop is encoded once per process and shared by every source with the same parameters.
     """
 
-    def __init__(self, seconds: int = 4, **stream: Any) -> None:
-        source = SyntheticStream(**stream)
-        self._loop = [source.segment() for _ in range(seconds)]
-        self._loop_ticks = seconds * source.segment_frames * source.frame_ticks
-        self.fps = source.fps
-        self.first_pts = source.start_pts
+    def __init__(self, seconds: int = 4, audio: str | None = None) -> None:
+        self._loop, self._loop_ticks = _encoded_loop(seconds, audio)
         self._position = 0
 
     def __iter__(self) -> Iterator[list[bytes]]:
@@ -281,3 +278,9 @@ class LoopingSource:
         if rounds == 0:
             return chunks
         return [shift_timestamps(chunk, rounds * self._loop_ticks) for chunk in chunks]
+
+
+@functools.lru_cache(maxsize=4)
+def _encoded_loop(seconds: int, audio: str | None) -> tuple[list[list[bytes]], int]:
+    source = SyntheticStream(audio=audio)
+    return [source.segment() for _ in range(seconds)], seconds * source.segment_frames * source.frame_ticks

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
+from byoc.media.synthetic import LoopingSource
 from byoc.orchestrator.registry import Capability, CapabilityRegistry
 from byoc.orchestrator.streams import LocalStream, StreamRequest
 from byoc.trickle.client import TrickleClientSettings, create_client_session
@@ -140,6 +141,7 @@ class LocalOrchestrator:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(number, self.request_shutdown)
         # The orchestrator talks to containers over plain HTTP on the machine: no TLS to verify.
+        await asyncio.to_thread(LoopingSource)  # encode the synthetic input once, before any stream
         async with create_client_session(TrickleClientSettings()) as http:
             self._http = http
             runner = web.AppRunner(

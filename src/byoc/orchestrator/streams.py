@@ -207,7 +207,7 @@ class LocalStream:
 
     async def _feed(self) -> None:
         publisher = TricklePublisher(self.urls["input"], session=self._http)
-        source = LoopingSource(audio="aac" if self.request.audio else None)
+        source = await asyncio.to_thread(LoopingSource, audio="aac" if self.request.audio else None)
 
         def segment_done(chunks: list[bytes], ended_at: float) -> None:
             self._figures.input_segments += 1
