@@ -98,10 +98,11 @@ class SessionManager:
         """Create and start a session, or raise SessionExists / AdmissionRefused. Never awaits."""
         if spec.stream_id in self._sessions:
             raise SessionExists(f"stream {spec.stream_id!r} is already running")
-        if len(self._sessions) >= self.max_sessions:
-            raise AdmissionRefused(
-                f"at capacity: {len(self._sessions)} of {self.max_sessions} sessions running"
-            )
+        # A session that was asked to stop is on its way out (its pipeline drains in milliseconds): its
+        # slot is free, as it is on the orchestrator, so a stop followed at once by a start works.
+        running = sum(1 for session in self._sessions.values() if not session.stopping)
+        if running >= self.max_sessions:
+            raise AdmissionRefused(f"at capacity: {running} of {self.max_sessions} sessions running")
         if reason := self._gate():
             raise AdmissionRefused(reason)
         if self.processor is None:

@@ -207,6 +207,11 @@ class Session:
     def end_reason(self) -> EndReason | None:
         return self._reason
 
+    @property
+    def stopping(self) -> bool:
+        """True once the session was asked to end (it is draining)."""
+        return self._stopping.is_set()
+
     def stop(self, reason: EndReason = EndReason.STOPPED) -> None:
         """Ask the session to end: the input stops, the pipeline drains, then it cleans up."""
         if self._reason is None:
@@ -375,15 +380,7 @@ class Session:
     async def _enforce_drain_deadline(self) -> None:
         await self._stopping.wait()
         await asyncio.sleep(self.settings.drain_timeout_s)
-        stuck = [
-            name
-            for name, stage in (
-                ("decoder", self._decoder),
-                ("processor", self._worker),
-                ("encoder", self._encoder),
-            )
-            if stage is not None and stage.running
-        ]
+        stuck = self.stuck_stages()
         log.error(
             "stream %s: drain took over %.1fs; still busy: %s",
             self.stream_id,

@@ -156,7 +156,10 @@ class LocalStream:
         with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
             async with asyncio.timeout(_STOP_TIMEOUT_S):
                 async with self._http.post(
-                    f"{self.capability.url}/stream/stop", data=body, headers=self._headers()
+                    f"{self.capability.url}/stream/stop",
+                    data=body,
+                    headers=self._headers(),
+                    skip_auto_headers=["Content-Type"],  # go-livepeer sets none on a stop
                 ) as response:
                     await response.read()
         self._stopping.set()
