@@ -55,7 +55,7 @@ async def metrics(http: aiohttp.ClientSession, serve: ServeProcess) -> dict[str,
 
 async def sessions_settle_at(http: aiohttp.ClientSession, serve: ServeProcess, count: int) -> None:
     async with asyncio.timeout(5):
-        while True:  # noqa: ASYNC110 - another process: polled over HTTP
+        while True:  # another process: polled over HTTP
             async with http.get(f"{serve.url}/health") as response:
                 if (await response.json())["sessions"] == count:
                     return

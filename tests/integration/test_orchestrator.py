@@ -115,7 +115,7 @@ async def test_start_update_stop_send_what_go_livepeer_sends(
         assert status == 200
         assert answer["stream_id"] == "s1"
         assert answer["subscribe_url"].endswith("/ai/trickle/s1-out")
-        path, headers, raw = await container.wait_for("/stream/start")
+        _, headers, raw = await container.wait_for("/stream/start")
         start = json.loads(raw)
         trickle = f"{orch.base_url}/ai/trickle/s1"
         assert start == {
@@ -140,7 +140,7 @@ async def test_start_update_stop_send_what_go_livepeer_sends(
         assert "capacity" in answer["error"]
         # update: the raw body, as JSON, to /stream/params
         status, _ = await post(http, f"{orch.base_url}/live-video-to-video/s1/update", b'{"prompt": "a dog"}')
-        path, headers, raw = await container.wait_for("/stream/params")
+        _, headers, raw = await container.wait_for("/stream/params")
         assert (status, raw, headers["X-Stream-Id"], headers["Content-Type"]) == (
             200,
             b'{"prompt": "a dog"}',
@@ -150,7 +150,7 @@ async def test_start_update_stop_send_what_go_livepeer_sends(
         # stop: plain text without Content-Type, then every channel is closed and capacity freed
         status, _ = await post(http, f"{orch.base_url}/live-video-to-video/s1/stop", b"")
         assert status == 200
-        path, headers, raw = await container.wait_for("/stream/stop")
+        _, headers, raw = await container.wait_for("/stream/stop")
         assert (raw, "Content-Type" in headers, headers["X-Stream-Id"]) == (b"stream ended", False, "s1")
         assert orch.trickle.channel_names() == []
         assert capability.load == 0
