@@ -99,7 +99,8 @@ def duration_s(text: str | int | float) -> float:
     if isinstance(text, int | float):
         return float(text)
     parts = _DURATION_PART.findall(text)
-    assert parts and "".join(n + u for n, u in parts) == text, f"not a duration: {text!r}"
+    assert parts, f"not a duration: {text!r}"
+    assert "".join(n + u for n, u in parts) == text, f"not a duration: {text!r}"
     return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
 
 
@@ -182,17 +183,103 @@ def byoc_container() -> dict[str, Any]:
 # --- PromQL: which metric names an expression selects ---------------------------------------------
 
 PROMQL_FUNCTIONS = frozenset(
-    """abs absent absent_over_time acos acosh asin asinh atan atanh avg_over_time ceil changes clamp
-    clamp_max clamp_min cos cosh count_over_time day_of_month day_of_week day_of_year days_in_month
-    deg delta deriv exp floor histogram_avg histogram_count histogram_fraction histogram_quantile
-    histogram_stddev histogram_stdvar histogram_sum holt_winters double_exponential_smoothing hour
-    idelta increase irate label_join label_replace last_over_time ln log10 log2 mad_over_time
-    max_over_time min_over_time minute month pi predict_linear present_over_time quantile_over_time
-    rad rate resets round scalar sgn sin sinh sort sort_by_label sort_by_label_desc sort_desc sqrt
-    stddev_over_time stdvar_over_time sum_over_time tan tanh time timestamp vector year""".split()
+    {
+        "abs",
+        "absent",
+        "absent_over_time",
+        "acos",
+        "acosh",
+        "asin",
+        "asinh",
+        "atan",
+        "atanh",
+        "avg_over_time",
+        "ceil",
+        "changes",
+        "clamp",
+        "clamp_max",
+        "clamp_min",
+        "cos",
+        "cosh",
+        "count_over_time",
+        "day_of_month",
+        "day_of_week",
+        "day_of_year",
+        "days_in_month",
+        "deg",
+        "delta",
+        "deriv",
+        "exp",
+        "floor",
+        "histogram_avg",
+        "histogram_count",
+        "histogram_fraction",
+        "histogram_quantile",
+        "histogram_stddev",
+        "histogram_stdvar",
+        "histogram_sum",
+        "holt_winters",
+        "double_exponential_smoothing",
+        "hour",
+        "idelta",
+        "increase",
+        "irate",
+        "label_join",
+        "label_replace",
+        "last_over_time",
+        "ln",
+        "log10",
+        "log2",
+        "mad_over_time",
+        "max_over_time",
+        "min_over_time",
+        "minute",
+        "month",
+        "pi",
+        "predict_linear",
+        "present_over_time",
+        "quantile_over_time",
+        "rad",
+        "rate",
+        "resets",
+        "round",
+        "scalar",
+        "sgn",
+        "sin",
+        "sinh",
+        "sort",
+        "sort_by_label",
+        "sort_by_label_desc",
+        "sort_desc",
+        "sqrt",
+        "stddev_over_time",
+        "stdvar_over_time",
+        "sum_over_time",
+        "tan",
+        "tanh",
+        "time",
+        "timestamp",
+        "vector",
+        "year",
+    }
 )
 PROMQL_AGGREGATIONS = frozenset(
-    "sum min max avg group stddev stdvar count count_values bottomk topk quantile limitk limit_ratio".split()
+    {
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "group",
+        "stddev",
+        "stdvar",
+        "count",
+        "count_values",
+        "bottomk",
+        "topk",
+        "quantile",
+        "limitk",
+        "limit_ratio",
+    }
 )
 PROMQL_LABEL_LIST_KEYWORDS = frozenset({"by", "without", "on", "ignoring", "group_left", "group_right"})
 PROMQL_KEYWORDS = frozenset({"and", "or", "unless", "bool", "offset", "atan2", "inf", "nan"})
@@ -366,9 +453,8 @@ class LiveServe:
     log: str = ""
 
 
-async def _run_live_serve(env: dict[str, str]) -> LiveServe:
-    live = LiveServe(env=dict(env))
-    secret = env["BYOC_ORCH_SECRET"]
+async def _run_live_serve(live: LiveServe) -> None:
+    secret = live.env["BYOC_ORCH_SECRET"]
     registered = asyncio.Event()
 
     async def handle(request: web.Request) -> web.Response:
@@ -387,7 +473,7 @@ async def _run_live_serve(env: dict[str, str]) -> LiveServe:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
-    env = {**env, "BYOC_ORCHESTRATOR_URL": f"http://127.0.0.1:{port}", "PYTHONPATH": str(ROOT)}
+    env = {**live.env, "BYOC_ORCHESTRATOR_URL": f"http://127.0.0.1:{port}", "PYTHONPATH": str(ROOT)}
     try:
         async with ServeProcess(env=env) as serve, aiohttp.ClientSession() as http:
             try:
@@ -407,14 +493,17 @@ async def _run_live_serve(env: dict[str, str]) -> LiveServe:
                 live.log = serve.log
     finally:
         await runner.cleanup()
-    return live
 
 
 @pytest.fixture(scope="module")
 def live_serve() -> LiveServe:
     """``python -m byoc serve`` with the compose byoc service's environment and env files."""
-    env = compose_env_for("byoc")
-    return asyncio.run(_run_live_serve(env))
+    live = LiveServe(env=compose_env_for("byoc"))
+    try:
+        asyncio.run(_run_live_serve(live))
+    except Exception as exc:
+        pytest.fail(f"byoc serve with the compose settings failed: {exc!r}\n--- its log ---\n{live.log}")
+    return live
 
 
 # --- promtool ----------------------------------------------------------------------------------
@@ -626,7 +715,7 @@ CHECKLIST_METRICS = {
 
 def test_live_byoc_serve_exports_the_metrics_the_deploy_files_rely_on(live_serve: LiveServe) -> None:
     names = exported_names(live_serve.metrics)
-    assert CHECKLIST_METRICS <= names, f"missing: {sorted(CHECKLIST_METRICS - names)}"
+    assert names >= CHECKLIST_METRICS, f"missing: {sorted(CHECKLIST_METRICS - names)}"
     # Without a GPU the family is announced with no samples; with one it has used and total.
     gpu_samples = [
         sample
@@ -668,7 +757,7 @@ def test_dashboard_and_alert_rules_name_only_exported_metrics(live_serve: LiveSe
 
 def test_dashboard_has_the_required_panels() -> None:
     by_metric: dict[str, list[str]] = {}
-    for title, expr in dashboard_queries():
+    for _, expr in dashboard_queries():
         for selector in promql_selectors(expr):
             by_metric.setdefault(selector.name, []).append(expr)
     for name in (
@@ -684,7 +773,8 @@ def test_dashboard_has_the_required_panels() -> None:
     for quantile in ("0.5", "0.9", "0.99"):
         assert f"histogram_quantile({quantile}," in latency, f"no frame latency p{quantile}"
     gpu = " ".join(by_metric["byoc_gpu_memory_bytes"])
-    assert 'kind="used"' in gpu and 'kind="total"' in gpu
+    assert 'kind="used"' in gpu
+    assert 'kind="total"' in gpu
     assert any("by (type)" in expr for expr in by_metric["byoc_errors_total"])
     assert any("by (reason)" in expr for expr in by_metric["byoc_frames_dropped_total"])
 
@@ -728,7 +818,8 @@ def test_compose_byoc_drains_within_its_stop_grace_period(live_serve: LiveServe)
     assert live_serve.exit_code == 0, live_serve.log
     assert live_serve.drain_s < grace
     unregisters = [r for r in live_serve.requests if r[0] == "/capability/unregister"]
-    assert unregisters and unregisters[0][2].decode() == live_serve.env["BYOC_CAPABILITY_NAME"]
+    assert unregisters
+    assert unregisters[0][2].decode() == live_serve.env["BYOC_CAPABILITY_NAME"]
 
 
 def test_compose_services_fit_together() -> None:
@@ -738,7 +829,8 @@ def test_compose_services_fit_together() -> None:
     orchestrator = services["orchestrator"]
     assert str(orchestrator["image"]).startswith("livepeer/go-livepeer")
     flags = dict(str(arg).lstrip("-").partition("=")[::2] for arg in orchestrator["command"])
-    assert "orchestrator" in flags and "monitor" in flags
+    assert "orchestrator" in flags
+    assert "monitor" in flags
     assert flags["network"] == "offchain"
     assert "orchSecret" not in flags, "the secret comes from LP_ORCHSECRET in the env file"
     service_host, _, service_port = flags["serviceAddr"].partition(":")
@@ -806,7 +898,7 @@ def test_the_orchestrator_secret_lives_only_in_the_example_env_file() -> None:
     secrets = secret_values(read_env_file(EXAMPLE_ENV))
     assert {"LP_ORCHSECRET", "BYOC_ORCH_SECRET"} <= set(secrets)
     checked = [DOCKERFILE, DOCKERIGNORE, *(path for path in DEPLOY.rglob("*") if path.is_file())]
-    checked += [path for path in (ROOT / "examples").rglob("*.py")]
+    checked += list((ROOT / "examples").rglob("*.py"))
     leaks = [
         f"{path.relative_to(ROOT)} contains the value of {key}"
         for path in checked
@@ -832,7 +924,8 @@ def test_kubernetes_manifests_parse() -> None:
     kinds = sorted(doc["kind"] for doc in kubernetes_documents())
     assert kinds == ["Deployment", "PodMonitor", "Service"]
     for doc in kubernetes_documents():
-        assert doc["apiVersion"] and doc["metadata"]["name"]
+        assert doc["apiVersion"]
+        assert doc["metadata"]["name"]
 
 
 def test_kubernetes_deployment_drains_probes_and_asks_for_a_gpu() -> None:
@@ -864,7 +957,8 @@ def test_kubernetes_deployment_drains_probes_and_asks_for_a_gpu() -> None:
     resources = container["resources"]
     assert str(resources["requests"]["nvidia.com/gpu"]) == "1"
     secret = env["BYOC_ORCH_SECRET"]
-    assert "value" not in secret and secret["valueFrom"]["secretKeyRef"]["name"]
+    assert "value" not in secret
+    assert secret["valueFrom"]["secretKeyRef"]["name"]
     assert not secret_values(values), "a secret is written into the Deployment"
 
     annotations = pod["metadata"]["annotations"]
@@ -971,7 +1065,7 @@ def _pattern_regex(pattern: str) -> re.Pattern[str]:
                 out.append(re.escape(char))
             else:
                 body = pattern[i + 1 : end]
-                if body.startswith("^") or body.startswith("!"):
+                if body.startswith(("^", "!")):
                     body = "^" + body[1:]
                 out.append("[" + body.replace("\\", "\\\\") + "]")
                 i = end
@@ -1132,10 +1226,13 @@ def test_dockerfile_runs_byoc_serve_properly() -> None:
     healthcheck = last("HEALTHCHECK").args
     assert healthcheck.upper() != "NONE"
     probe = _exec_form(healthcheck.partition("CMD")[2].strip())
-    assert probe is not None and "/health" in " ".join(probe) and "urllib" in " ".join(probe)
+    assert probe is not None, "HEALTHCHECK CMD must be in exec form"
+    assert "/health" in " ".join(probe)
+    assert "urllib" in " ".join(probe)
 
     user = last("USER").args.split(":")[0]
-    assert user and user not in ("root", "0")
+    assert user
+    assert user not in ("root", "0")
     assert user.isdigit(), "a numeric USER lets Kubernetes check runAsNonRoot"
     exposed = {port for i in instructions if i.keyword == "EXPOSE" for port in i.args.split()}
     assert "8000" in exposed or "8000/tcp" in exposed
@@ -1178,7 +1275,8 @@ def test_example_processor_tones_frames_sepia(sepia: Processor) -> None:
     session = _session({"strength": 1})
     sepia.on_start(session)
     out = np.asarray(sepia.process(_frame(rgb), session))
-    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+    assert out.shape == (16, 16, 3)
+    assert out.dtype == np.uint8
     expected = np.clip(
         np.array([[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]]) @ [200, 100, 50],
         0,
@@ -1198,5 +1296,5 @@ def test_example_processor_strength_comes_from_options_then_params(sepia: Proces
     sepia.on_params(session, {"strength": 0})
     frame = _frame(rgb)
     assert sepia.process(frame, session) is frame  # strength 0: untouched, not even converted
-    with pytest.raises(ValueError, match="within 0..1"):
+    with pytest.raises(ValueError, match=r"within 0\.\.1"):
         load_processor(EXAMPLE_PROCESSOR, {"strength": "2"})
