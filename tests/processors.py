@@ -64,3 +64,19 @@ class Hanging(Processor):
     def process(self, frame: Frame, session: SessionContext) -> Frame:
         self.release.wait()
         return frame
+
+
+class LeakyAndStubborn(Processor):
+    """Keeps every session's memory after the session ends, and never finishes its teardown."""
+
+    def __init__(self, memory_mb: str = "96") -> None:
+        self.size = int(float(memory_mb) * 1024 * 1024)
+        self.kept: list[object] = []
+
+    def on_start(self, session: SessionContext) -> None:
+        import numpy as np
+
+        self.kept.append(np.ones(self.size, dtype=np.uint8))  # never released
+
+    def teardown(self) -> None:
+        threading.Event().wait()  # ignores the shutdown

@@ -32,6 +32,12 @@ def _orchestrator(argv: Sequence[str]) -> int:
     return orchestrator(list(argv))
 
 
+def _check(argv: Sequence[str]) -> int:
+    from byoc.check.runner import main as check
+
+    return check(list(argv))
+
+
 def _publish(argv: Sequence[str]) -> int:
     from byoc.bridge import main as publish
 
@@ -56,6 +62,7 @@ def _bench(argv: Sequence[str]) -> int:
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "serve": (_serve, "run the container: sessions, admission, health, metrics, drain, registration"),
     "orchestrator": (_orchestrator, "run a local development orchestrator (port 8935)"),
+    "check": (_check, "run the production checklist against a container, with a report"),
     "publish": (_publish, "publish MPEG-TS (e.g. from ffmpeg) to a trickle channel"),
     "demo": (_demo, "run the demo: a local orchestrator, a container, three live streams"),
     "bench": (_bench, "run a benchmark: pipeline (one session) or serve (sessions per process)"),

@@ -21,6 +21,7 @@ from byoc.processor import Processor
 from byoc.session import Session, SessionObserver
 from byoc.spec import EndReason, SessionSettings, StreamSpec
 from byoc.stats import SessionStatistics
+from byoc.system import trim_memory
 
 __all__ = ["SessionManager"]
 
@@ -170,4 +171,5 @@ class SessionManager:
                 self._stuck[session.stream_id] = stuck
             self._sessions.pop(session.stream_id, None)
             self._tasks.pop(session.stream_id, None)
+            trim_memory()  # what the session freed goes back to the system, not just to malloc
         return reason

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from byoc.gpu import DeviceMemory
+from byoc.gpu import DeviceMemory, TorchMemory
 
 __all__ = ["CONTENT_TYPE", "ERROR_TYPES", "FrameTotals", "MetricsSource", "RuntimeMetrics"]
 
@@ -55,6 +55,10 @@ class MetricsSource(Protocol):
 
     def gpu_devices(self) -> Sequence[DeviceMemory]: ...
 
+    def torch_devices(self) -> Sequence[TorchMemory]: ...
+
+    def memory_limit(self) -> tuple[int, str]: ...
+
     def frame_totals(self) -> FrameTotals: ...
 
 
@@ -81,6 +85,24 @@ class _StateCollector(Collector):
             gpu.add_metric([str(device.index), "used"], device.used_bytes)
             gpu.add_metric([str(device.index), "total"], device.total_bytes)
         yield gpu
+        torch = GaugeMetricFamily(
+            "byoc_torch_memory_bytes",
+            "The torch CUDA allocator of this process, per device (absent without torch and CUDA).",
+            labels=["device", "kind"],
+        )
+        for allocator in source.torch_devices():
+            torch.add_metric([str(allocator.index), "allocated"], allocator.allocated_bytes)
+            torch.add_metric([str(allocator.index), "reserved"], allocator.reserved_bytes)
+            torch.add_metric([str(allocator.index), "peak"], allocator.peak_allocated_bytes)
+        yield torch
+        limit, where = source.memory_limit()
+        memory = GaugeMetricFamily(
+            "byoc_memory_limit_bytes",
+            "Memory the process may use: its cgroup limit, else the host's RAM.",
+            labels=["source"],
+        )
+        memory.add_metric([where], limit)
+        yield memory
         totals = source.frame_totals()
         yield CounterMetricFamily("byoc_frames_in", "Frames decoded.", value=totals.frames_in)
         yield CounterMetricFamily("byoc_frames_out", "Frames encoded and published.", value=totals.frames_out)

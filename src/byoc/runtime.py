@@ -35,12 +35,13 @@ from byoc.api import build_app
 from byoc.apiserver import ApiServer
 from byoc.config import Settings
 from byoc.errors import ByocError
-from byoc.gpu import DeviceMemory, GpuMonitor, MemoryBudget
+from byoc.gpu import DeviceMemory, GpuMonitor, MemoryBudget, TorchMemory, torch_memory
 from byoc.health import HealthView, RuntimeState
 from byoc.manager import SessionManager
 from byoc.metrics import FrameTotals, RuntimeMetrics
 from byoc.processor import Processor, load_processor
 from byoc.registration import Registrar
+from byoc.system import memory_limit
 from byoc.trickle.client import create_client_session
 
 __all__ = ["EXIT_HUNG", "EXIT_LOAD_FAILED", "Runtime", "run_in_thread"]
@@ -173,6 +174,12 @@ class Runtime:
 
     def gpu_devices(self) -> Sequence[DeviceMemory]:
         return self.gpu.devices()
+
+    def torch_devices(self) -> Sequence[TorchMemory]:
+        return torch_memory()
+
+    def memory_limit(self) -> tuple[int, str]:
+        return memory_limit()
 
     def frame_totals(self) -> FrameTotals:
         return self._manager.totals() if self._manager is not None else FrameTotals()

@@ -54,7 +54,9 @@ async def test_publish_ts_feeds_a_channel(trickle: RunningTrickle, http: aiohttp
     await trickle.server.wait_for_request(lambda r: (r.method, r.seq) == ("GET", "0"))
     assert await publish_ts(io.BytesIO(_stream()), url, TEST_CLIENT_SETTINGS) == 3
     await asyncio.wait_for(reader, 10)
-    posts = [r for r in trickle.server.requests if r.method == "POST" and r.channel == "input" and r.body_bytes]
+    posts = [
+        r for r in trickle.server.requests if r.method == "POST" and r.channel == "input" and r.body_bytes
+    ]
     assert [r.seq for r in posts] == ["0", "1", "2"]
     # The bridge ran faster than real time and DELETEd the channel at the end: a reader that was not
     # waiting yet may miss the last segment, but what it got is whole and in order.

@@ -124,21 +124,28 @@ def service_environment(svc: Mapping[str, Any]) -> dict[str, str]:
     return {str(k): str(v) for k, v in env.items()}
 
 
-def env_files(svc: Mapping[str, Any]) -> list[Path]:
+def env_files(svc: Mapping[str, Any], *, required_only: bool = False) -> list[Path]:
     entries = svc.get("env_file") or []
     if isinstance(entries, str):
         entries = [entries]
-    paths = [entry["path"] if isinstance(entry, dict) else entry for entry in entries]
+    paths = [
+        entry["path"] if isinstance(entry, dict) else entry
+        for entry in entries
+        if not (required_only and isinstance(entry, dict) and entry.get("required") is False)
+    ]
     return [(COMPOSE.parent / path).resolve() for path in paths]
 
 
 def compose_env_for(name: str) -> dict[str, str]:
-    """What a compose service sees: its env files in order, then its `environment`."""
+    """What a compose service sees: its env files in order, then its `environment`.
+
+    Optional env files (a user's deploy/secrets.env) are left out, so that the result is the
+    repository's own configuration.
+    """
     svc = service(name)
     env: dict[str, str] = {}
-    for path in env_files(svc):
-        if path.exists():
-            env.update(read_env_file(path))
+    for path in env_files(svc, required_only=True):
+        env.update(read_env_file(path))
     env.update(service_environment(svc))
     return env
 
@@ -182,104 +189,19 @@ def byoc_container() -> dict[str, Any]:
 
 # --- PromQL: which metric names an expression selects ---------------------------------------------
 
+# Names that are followed by "(" without being metrics (Prometheus 2.x and 3.x).
 PROMQL_FUNCTIONS = frozenset(
-    {
-        "abs",
-        "absent",
-        "absent_over_time",
-        "acos",
-        "acosh",
-        "asin",
-        "asinh",
-        "atan",
-        "atanh",
-        "avg_over_time",
-        "ceil",
-        "changes",
-        "clamp",
-        "clamp_max",
-        "clamp_min",
-        "cos",
-        "cosh",
-        "count_over_time",
-        "day_of_month",
-        "day_of_week",
-        "day_of_year",
-        "days_in_month",
-        "deg",
-        "delta",
-        "deriv",
-        "exp",
-        "floor",
-        "histogram_avg",
-        "histogram_count",
-        "histogram_fraction",
-        "histogram_quantile",
-        "histogram_stddev",
-        "histogram_stdvar",
-        "histogram_sum",
-        "holt_winters",
-        "double_exponential_smoothing",
-        "hour",
-        "idelta",
-        "increase",
-        "irate",
-        "label_join",
-        "label_replace",
-        "last_over_time",
-        "ln",
-        "log10",
-        "log2",
-        "mad_over_time",
-        "max_over_time",
-        "min_over_time",
-        "minute",
-        "month",
-        "pi",
-        "predict_linear",
-        "present_over_time",
-        "quantile_over_time",
-        "rad",
-        "rate",
-        "resets",
-        "round",
-        "scalar",
-        "sgn",
-        "sin",
-        "sinh",
-        "sort",
-        "sort_by_label",
-        "sort_by_label_desc",
-        "sort_desc",
-        "sqrt",
-        "stddev_over_time",
-        "stdvar_over_time",
-        "sum_over_time",
-        "tan",
-        "tanh",
-        "time",
-        "timestamp",
-        "vector",
-        "year",
-    }
+    """abs absent absent_over_time acos acosh asin asinh atan atanh avg_over_time ceil changes clamp
+    clamp_max clamp_min cos cosh count_over_time day_of_month day_of_week day_of_year days_in_month
+    deg delta deriv exp floor histogram_avg histogram_count histogram_fraction histogram_quantile
+    histogram_stddev histogram_stdvar histogram_sum holt_winters double_exponential_smoothing hour
+    idelta increase irate label_join label_replace last_over_time ln log10 log2 mad_over_time
+    max_over_time min_over_time minute month pi predict_linear present_over_time quantile_over_time
+    rad rate resets round scalar sgn sin sinh sort sort_by_label sort_by_label_desc sort_desc sqrt
+    stddev_over_time stdvar_over_time sum_over_time tan tanh time timestamp vector year""".split()  # noqa: SIM905
 )
 PROMQL_AGGREGATIONS = frozenset(
-    {
-        "sum",
-        "min",
-        "max",
-        "avg",
-        "group",
-        "stddev",
-        "stdvar",
-        "count",
-        "count_values",
-        "bottomk",
-        "topk",
-        "quantile",
-        "limitk",
-        "limit_ratio",
-    }
+    "sum min max avg group stddev stdvar count count_values bottomk topk quantile limitk limit_ratio".split()  # noqa: SIM905
 )
 PROMQL_LABEL_LIST_KEYWORDS = frozenset({"by", "without", "on", "ignoring", "group_left", "group_right"})
 PROMQL_KEYWORDS = frozenset({"and", "or", "unless", "bool", "offset", "atan2", "inf", "nan"})
@@ -902,7 +824,7 @@ def test_the_orchestrator_secret_lives_only_in_the_example_env_file() -> None:
     leaks = [
         f"{path.relative_to(ROOT)} contains the value of {key}"
         for path in checked
-        if path != EXAMPLE_ENV
+        if path not in (EXAMPLE_ENV, DEPLOY / "secrets.env")  # the one place for real values
         for key, value in secrets.items()
         if value in path.read_text(errors="replace")
     ]
@@ -1298,3 +1220,14 @@ def test_example_processor_strength_comes_from_options_then_params(sepia: Proces
     assert sepia.process(frame, session) is frame  # strength 0: untouched, not even converted
     with pytest.raises(ValueError, match=r"within 0\.\.1"):
         load_processor(EXAMPLE_PROCESSOR, {"strength": "2"})
+
+
+def test_readme_deploying_section_names_files_that_exist() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "\n## Deploying\n" in readme
+    section = readme.split("\n## Deploying\n", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`((?:deploy|examples)/[\w./-]+|Dockerfile|\.dockerignore)`", section))
+    assert "deploy/compose.yaml" in named
+    optional = {"deploy/secrets.env"}  # the user's own file, never in the repository
+    missing = sorted(path for path in named - optional if not (ROOT / path).exists())
+    assert not missing, missing

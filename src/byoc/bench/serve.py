@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ import aiohttp
 from byoc.children import ByocProcess
 from byoc.media.synthetic import SyntheticStream, publish_live
 from byoc.stats import percentile
+from byoc.system import cpu_seconds, resident_bytes
 from byoc.trickle.client import TrickleClientSettings, create_client_session
 from byoc.trickle.protocol import channel_url
 from byoc.trickle.publisher import TricklePublisher
@@ -35,6 +35,7 @@ from byoc.trickle.server import RunningTrickle, serve_trickle
 __all__ = ["ServeReport", "StepReport", "run_serve_bench"]
 
 _FPS = 30.0
+_MB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -81,20 +82,6 @@ class ServeReport:
         return lines
 
 
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
 async def _step(
     n: int,
     container: ByocProcess,
@@ -131,7 +118,7 @@ async def _step(
     warmup = 2.0  # measure after the sessions have settled
     feeding = asyncio.gather(*(publish_live(p, segments) for p in publishers))
     await asyncio.sleep(warmup)
-    cpu_before, began = _cpu_seconds(container.pid), time.monotonic()
+    cpu_before, began = cpu_seconds(container.pid), time.monotonic()
     frames_before = await _frames_out(http, container)
     probe = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -144,7 +131,7 @@ async def _step(
     )
     rss = 0.0
     while probe.returncode is None:
-        rss = max(rss, _rss_mb(container.pid))
+        rss = max(rss, resident_bytes(container.pid) / _MB)
         try:
             async with asyncio.timeout(0.5):
                 await probe.wait()
@@ -153,7 +140,7 @@ async def _step(
     polled = json.loads((await probe.communicate())[0])
     async with http.get(f"{container.url}/stream/status") as response:
         sessions = (await response.json())["sessions"]
-    cpu, elapsed = _cpu_seconds(container.pid) - cpu_before, time.monotonic() - began
+    cpu, elapsed = cpu_seconds(container.pid) - cpu_before, time.monotonic() - began
     frames = sum(s["output"]["frames"] for s in sessions) - frames_before
     await feeding
     for publisher in publishers:
@@ -203,7 +190,7 @@ async def run_serve_bench(
             await container.start()
             await container.wait_healthy(http)
             cold_start = time.monotonic() - began
-            report = ServeReport(processor, seconds, cold_start, _rss_mb(container.pid))
+            report = ServeReport(processor, seconds, cold_start, resident_bytes(container.pid) / _MB)
             for n in steps:
                 step = await _step(n, container, trickle, http, segments, seconds)
                 report.steps.append(step)

@@ -22,8 +22,10 @@ import logging
 import math
 import secrets
 import signal
+from collections import deque
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -110,6 +112,8 @@ class LocalOrchestrator:
         for capability in self.settings.containers:
             self.registry.add(capability)
         self.streams: dict[str, LocalStream] = {}
+        self.ended: deque[dict[str, Any]] = deque(maxlen=200)
+        """The final statistics of streams that ended, newest last."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._http: aiohttp.ClientSession | None = None
         self.port: int | None = None
@@ -240,6 +244,7 @@ class LocalOrchestrator:
         finally:
             stream.capability.load -= 1
             self.streams.pop(stream.stream_id, None)
+            self.ended.append(stream.statistics())
 
     async def _update(self, request: web.Request) -> web.Response:
         stream = self.streams.get(request.match_info["id"])
@@ -260,6 +265,7 @@ class LocalOrchestrator:
         return web.json_response(
             {
                 "streams": [stream.statistics() for stream in self.streams.values()],
+                "ended": list(self.ended),
                 "capabilities": [c.public() for c in self.registry.capabilities.values()],
             }
         )

@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from byoc.errors import TrickleError
+from byoc.errors import ChannelGone, TrickleError
 from byoc.media.synthetic import LoopingSource, publish_live
 from byoc.media.ts import count_pes_starts, first_video_pts
 from byoc.orchestrator.registry import Capability
@@ -68,6 +68,9 @@ class _Figures:
     last_status: dict[str, Any] | None = None
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=120))
     data_messages: int = 0
+    final_event: bool = False
+    last_segment_complete: bool = False
+    output_closed: bool = False
 
 
 class LocalStream:
@@ -232,18 +235,23 @@ class LocalStream:
                 await asyncio.sleep(KEEPALIVE_INTERVAL_S)
 
     async def _read_output(self) -> None:
+        figures = self._figures
         try:
             async with TrickleSubscriber(self.urls["output"], session=self._http, start_seq=0) as subscriber:
                 async for segment in subscriber:
                     data = await segment.read()
+                    figures.last_segment_complete = segment.complete
                     ended = time.monotonic()
                     frames = count_pes_starts(data, _VIDEO_PID)
-                    self._figures.frames_out += frames
-                    self._figures.output_segments += 1
+                    figures.frames_out += frames
+                    figures.output_segments += 1
                     self._segment_ends.append((ended, frames))
                     pts = first_video_pts(data, _VIDEO_PID)
                     if pts is not None and pts in self._input_ends:
-                        self._figures.latencies_ms.append((ended - self._input_ends[pts]) * 1000)
+                        figures.latencies_ms.append((ended - self._input_ends[pts]) * 1000)
+            figures.output_closed = True  # the channel ended: the container closed it
+        except ChannelGone:
+            figures.output_closed = True  # already deleted when this reader asked again
         except TrickleError:
             pass
         self._container_ended("output ended")
@@ -257,6 +265,8 @@ class LocalStream:
                         event = document.get("event", document) if isinstance(document, dict) else {}
                         if isinstance(event, dict) and event.get("type") in ("status", "stream_stopped"):
                             self._figures.last_status = event
+                            if event["type"] == "stream_stopped":
+                                self._figures.final_event = True
         except TrickleError:
             pass
         self._container_ended("events ended")
@@ -298,5 +308,8 @@ class LocalStream:
             "dropped_frames": sum(dropped.values()) if isinstance(dropped, dict) else None,
             "data_messages": figures.data_messages,
             "last_status": status.get("state") or status.get("type"),
+            "final_event": figures.final_event,
+            "last_segment_complete": figures.last_segment_complete,
+            "output_closed": figures.output_closed,
             "urls": self.urls,
         }

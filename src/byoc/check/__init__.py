@@ -1,0 +1,1 @@
+"""``byoc check``: the Livepeer BYOC production checklist run against a container."""
