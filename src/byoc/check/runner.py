@@ -654,6 +654,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     result = asyncio.run(run_check(options))
     print("\n".join(terminal_lines(result)))
+    verified = max((step.sessions for step in result.steps if step.real_time), default=0)
+    if result.steps and all(step.real_time for step in result.steps):
+        print(
+            f"note: real time held at every step, up to {verified} sessions; memory is the limit above, "
+            "but throughput beyond that was not measured (raise --sessions to find where it ends)"
+        )
     if args.json:
         write_json(result, args.json)
         print(f"figures: {args.json}")
