@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import threading
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import numpy as np
 from byoc.errors import ProcessorError
 from byoc.media.items import TIME_BASE, AudioItem, Item, ParamsItem, VideoItem
 from byoc.media.queues import Closed, StageQueue
+from byoc.media.stage import Stage
 from byoc.processor import Frame, Processor, SessionContext, is_async_hook
 
 __all__ = ["ProcessingStatistics", "ProcessingWorker", "error_kind", "to_video_frame"]
@@ -67,7 +67,7 @@ def to_video_frame(result: Any, source: av.VideoFrame) -> av.VideoFrame | None:
     return frame
 
 
-class ProcessingWorker:
+class ProcessingWorker(Stage):
     """Feeds one session's frames through the shared processor on the session's own thread."""
 
     def __init__(
@@ -84,6 +84,7 @@ class ProcessingWorker:
         on_exit: Callable[[], None] | None = None,
         on_processed: Callable[[float], None] | None = None,
     ) -> None:
+        super().__init__(name)
         self._processor = processor
         self._context = context
         self._source = source
@@ -102,23 +103,10 @@ class ProcessingWorker:
             processor.on_params,
         )
         self._needs_loop = any(is_async_hook(hook) for hook in hooks)
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self.error: BaseException | None = None
         self._frames_in = self._frames_out = self._dropped = self._errors = self._consecutive = (
             self._updates
         ) = 0
         self._last_error: str | None = None
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def join(self, timeout: float | None = None) -> bool:
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    @property
-    def running(self) -> bool:
-        return self._thread.is_alive()
 
     def statistics(self) -> ProcessingStatistics:
         return ProcessingStatistics(

@@ -26,6 +26,7 @@ import av.filter
 from byoc.errors import MediaError
 from byoc.media.items import TIME_BASE, AudioItem, Boundary, InputInfo, Item, VideoItem
 from byoc.media.queues import Closed, StageQueue
+from byoc.media.stage import Stage
 from byoc.media.ts import FLUSH_ACCESS_UNIT, first_video_pts, video_flush_packets
 
 __all__ = ["Decoder", "DecoderStatistics", "FrameFitter"]
@@ -201,7 +202,7 @@ class _Timestamps:
         return out
 
 
-class Decoder:
+class Decoder(Stage):
     """Decodes one session's input on a thread; see the module docstring."""
 
     def __init__(
@@ -216,6 +217,7 @@ class Decoder:
         on_frame: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__(name)
         self._output = output
         self._on_frame = on_frame or (lambda: None)
         self._fitter = FrameFitter(width, height)
@@ -223,19 +225,14 @@ class Decoder:
         self._on_error = on_error or (lambda kind: None)
         self._clock = clock
         self._feed = _ByteFeed(self._boundary)
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._timestamps = _Timestamps()
         self._last_kept_pts: int | None = None
-        self.error: BaseException | None = None
         self._bytes_in = self._segments_in = 0
         self._decoded = self._capped = self._rejected = self._audio_frames = self._errors = 0
         self._has_audio = False
         self._input_size: tuple[int, int] | None = None
 
     # --- called from the event loop -------------------------------------------------------------
-
-    def start(self) -> None:
-        self._thread.start()
 
     def feed(self, data: bytes) -> None:
         """Input bytes, in order. Never blocks."""
@@ -251,14 +248,6 @@ class Decoder:
     def end(self) -> None:
         """No more input: decode what is left, then finish."""
         self._feed.close()
-
-    def join(self, timeout: float | None = None) -> bool:
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    @property
-    def running(self) -> bool:
-        return self._thread.is_alive()
 
     def statistics(self) -> DecoderStatistics:
         return DecoderStatistics(

@@ -12,7 +12,6 @@ bytes of a segment leave long before the segment is complete.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from av.video.reformatter import VideoReformatter
 from byoc.errors import MediaError
 from byoc.media.items import TIME_BASE, AudioItem, Boundary, InputInfo, Item, VideoItem
 from byoc.media.queues import Closed, StageQueue
+from byoc.media.stage import Stage
 
 __all__ = ["MAX_SEGMENT_S", "Encoder", "EncoderSettings", "EncoderStatistics", "OutputSink", "x264_options"]
 
@@ -116,7 +116,7 @@ class _SegmentWriter:
         return len(chunk)
 
 
-class Encoder:
+class Encoder(Stage):
     """Encodes one session's processed frames on a thread; see the module docstring."""
 
     def __init__(
@@ -130,6 +130,7 @@ class Encoder:
         on_error: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__(name)
         self._source = source
         self._sink = sink
         self.settings = settings
@@ -138,7 +139,6 @@ class Encoder:
         self._on_frame = on_frame or (lambda item: None)
         self._on_error = on_error or (lambda kind: None)
         self._clock = clock
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._segment_ticks = round(settings.segment_s * 90000)
         self._video: av.VideoCodecContext | None = None
         self._audio: av.AudioCodecContext | None = None
@@ -153,19 +153,7 @@ class Encoder:
         self._last_pts: int | None = None
         self._step = 3000
         self._consecutive_errors = 0
-        self.error: BaseException | None = None
         self._frames_in = self._frames_out = self._audio_out = self._segments = self._bytes = self._errors = 0
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def join(self, timeout: float | None = None) -> bool:
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    @property
-    def running(self) -> bool:
-        return self._thread.is_alive()
 
     def statistics(self) -> EncoderStatistics:
         return EncoderStatistics(
