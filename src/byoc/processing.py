@@ -25,7 +25,7 @@ import numpy as np
 from byoc.errors import ProcessorError
 from byoc.media.items import TIME_BASE, AudioItem, Item, ParamsItem, VideoItem
 from byoc.media.queues import Closed, StageQueue
-from byoc.media.stage import Stage
+from byoc.media.stage import Stage, call_in_loop
 from byoc.processor import Frame, Processor, SessionContext, is_async_hook
 
 __all__ = ["ProcessingStatistics", "ProcessingWorker", "error_kind", "to_video_frame"]
@@ -146,7 +146,7 @@ class ProcessingWorker(Stage):
     async def _serve_async(self) -> None:
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
-        self._source.set_waker(lambda: _call_soon(loop, wake.set))
+        self._source.set_waker(lambda: call_in_loop(loop, wake.set))
         await self._start()
         try:
             while True:
@@ -229,10 +229,6 @@ class ProcessingWorker(Stage):
             raise ProcessorError(
                 f"{self._consecutive} processor failures in a row, last: {self._last_error}"
             ) from exc
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:
-    loop.call_soon_threadsafe(callback)
 
 
 def error_kind(exc: BaseException) -> str:

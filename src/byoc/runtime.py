@@ -38,6 +38,7 @@ from byoc.errors import ByocError
 from byoc.gpu import DeviceMemory, GpuMonitor, MemoryBudget, TorchMemory, torch_memory
 from byoc.health import HealthView, RuntimeState
 from byoc.manager import SessionManager
+from byoc.media.stage import call_in_loop
 from byoc.metrics import FrameTotals, RuntimeMetrics
 from byoc.processor import Processor, load_processor
 from byoc.registration import Registrar
@@ -71,9 +72,9 @@ async def run_in_thread(call: Callable[[], object], name: str) -> None:
             if inspect.isawaitable(result):
                 asyncio.run(_await(result))
         except BaseException as exc:
-            loop.call_soon_threadsafe(_settle, done, exc)
+            call_in_loop(loop, _settle, done, exc)
         else:
-            loop.call_soon_threadsafe(_settle, done, None)
+            call_in_loop(loop, _settle, done, None)
 
     threading.Thread(target=target, name=name, daemon=True).start()
     await done

@@ -32,6 +32,7 @@ from byoc.media.decoder import Decoder
 from byoc.media.encoder import Encoder, EncoderSettings
 from byoc.media.items import Item, ParamsItem, VideoItem
 from byoc.media.queues import Closed, StageQueue
+from byoc.media.stage import call_in_loop
 from byoc.processing import ProcessingWorker
 from byoc.processor import Processor, SessionContext
 from byoc.spec import EndReason, SessionSettings, StreamSpec
@@ -100,7 +101,7 @@ class _LoopSink:
             if self._wake_pending:
                 return
             self._wake_pending = True
-        self._loop.call_soon_threadsafe(self._wake)
+        call_in_loop(self._loop, self._wake)
 
     def _wake(self) -> None:
         with self._lock:
@@ -193,7 +194,7 @@ class Session:
         """``callback`` made safe to call from another thread: it runs on the session's loop."""
 
         def schedule() -> None:
-            self._loop.call_soon_threadsafe(callback)
+            call_in_loop(self._loop, callback)
 
         return schedule
 
@@ -250,10 +251,10 @@ class Session:
 
     def send_data(self, message: Any) -> None:
         line = encode_data_lines([message])  # raises DataLineTooLong in the caller's thread
-        self._loop.call_soon_threadsafe(self._data.put_nowait, line)
+        call_in_loop(self._loop, self._data.put_nowait, line)
 
     def send_event(self, event: Mapping[str, Any], queue_event_type: str | None = None) -> None:
-        self._loop.call_soon_threadsafe(self._events.put_nowait, (dict(event), queue_event_type))
+        call_in_loop(self._loop, self._events.put_nowait, (dict(event), queue_event_type))
 
     # --- statistics -----------------------------------------------------------------------------
 

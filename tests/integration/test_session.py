@@ -323,3 +323,16 @@ async def test_sessions_share_one_processor_but_not_state(
     assert sorted(processor.calls) == sorted(
         [("on_start", "a"), ("on_stop", "a"), ("on_start", "b"), ("on_stop", "b")]
     )
+
+
+async def test_max_fps_caps_the_output_rate(trickle: RunningTrickle, http: aiohttp.ClientSession) -> None:
+    async with StreamHarness(trickle, http) as h:
+        session = Session(h.spec(max_fps=15.0, params={"max_fps": 15}), PassthroughProcessor(), http, SETTINGS)
+        run = await _run(session)
+        await h.publish(make_segments(1))
+        await h.input.close()
+        await asyncio.wait_for(run, 10)
+        await h.readers_done()
+    frames, _ = decode(h.output_bytes())
+    assert [f.index for f in frames] == list(range(0, 30, 2))  # every other frame of 30 fps
+    assert session.statistics().dropped["rate_cap"] == 15

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["Stage"]
+__all__ = ["Stage", "call_in_loop"]
+
+
+def call_in_loop(loop: asyncio.AbstractEventLoop, callback: Callable[..., object], *args: Any) -> None:
+    """Schedule ``callback(*args)`` on ``loop`` from another thread; nothing if the loop is gone.
+
+    A stage left behind in user code (a hung processor) may finish long after its session — even after
+    the loop it reports to was closed — and must not fail then.
+    """
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback, *args)
 
 
 class Stage:

@@ -1,0 +1,65 @@
+"""Settings: one object, from flags over environment variables over defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+
+from byoc.config import Settings, build_parser, settings_from
+from byoc.errors import ConfigError
+
+
+def test_help_documents_every_setting_with_its_environment_variable() -> None:
+    out = io.StringIO()
+    with redirect_stdout(out), pytest.raises(SystemExit):
+        build_parser(environ={}).parse_args(["--help"])
+    text = " ".join(out.getvalue().split())
+    for field in dataclasses.fields(Settings):
+        assert f"BYOC_{field.name.upper()}" in text, field.name
+        if field.name != "processor":
+            assert "--" + field.name.replace("_", "-") in text, field.name
+
+
+def test_flags_win_over_environment_over_defaults() -> None:
+    environ = {"BYOC_MAX_SESSIONS": "7", "BYOC_PORT": "9001", "BYOC_INSECURE_TLS": "yes", "BYOC_PROCESSOR": "invert"}
+    settings = settings_from(["--port", "9002"], environ)
+    assert (settings.max_sessions, settings.port, settings.insecure_tls, settings.processor) == (7, 9002, True, "invert")
+    assert settings_from([], {}).max_sessions == Settings().max_sessions
+    options = settings_from(["--processor-option", "ms=5", "--processor-option", "mode=async"], {})
+    assert options.processor_options == {"ms": "5", "mode": "async"}
+    from_env = settings_from([], {"BYOC_PROCESSOR_OPTION": "ms=5,memory_mb=64"})
+    assert from_env.processor_options == {"ms": "5", "memory_mb": "64"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "message"),
+    [
+        (["--max-sessions", "0"], {}, "max_sessions"),
+        (["--segment-s", "3"], {}, "segment_s"),
+        (["--orchestrator-url", "https://o:8935"], {}, "orch_secret"),
+        (["--processor-option", "novalue"], {}, "KEY=VALUE"),
+        ([], {"BYOC_MAX_SESSIONS": "many"}, "BYOC_MAX_SESSIONS"),
+    ],
+)
+def test_bad_settings_say_what_is_wrong(argv: list[str], environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        settings_from(argv, environ)
+
+
+def test_secrets_stay_out_of_repr_and_can_come_from_a_file(tmp_path: Path) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("from-a-file\n")
+    settings = Settings(orchestrator_url="https://o", orch_secret_file=secret_file, token="t0p")
+    assert settings.secret() == "from-a-file"
+    assert "t0p" not in repr(settings)
+    assert "from-a-file" not in repr(settings)
+    assert "hunter2" not in repr(Settings(orchestrator_url="https://o", orch_secret="hunter2"))
+
+
+def test_advertised_url_has_no_trailing_slash() -> None:
+    assert Settings(capability_url="http://c:8000/").advertised_url() == "http://c:8000"
+    assert Settings(port=8123).advertised_url() == "http://localhost:8123"
