@@ -7,7 +7,7 @@ import contextlib
 import io
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -15,6 +15,7 @@ from typing import Any, Self
 import aiohttp
 import av
 import numpy as np
+from aiohttp import web
 
 from byoc.media.synthetic import SyntheticStream, read_frame_index
 from byoc.spec import StreamSpec
@@ -25,6 +26,53 @@ from byoc.trickle.subscriber import TrickleSubscriber
 from tests.conftest import TEST_CLIENT_SETTINGS
 
 PSI_PIDS = {0x0000, 0x0011, 0x1000}
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: web.Application) -> AsyncIterator[str]:
+    """Run an aiohttp application on a free loopback port; yields its base URL."""
+    runner = web.AppRunner(app, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+class FakeOrchestrator:
+    """go-livepeer's /capability/register and /capability/unregister (protocol.md §1), recording calls:
+    (path, Authorization header, body). ``fail_next`` answers that many requests with 503 first."""
+
+    def __init__(self, secret: str = "secret") -> None:
+        self.secret = secret
+        self.fail_next = 0
+        self.requests: list[tuple[str, str, bytes]] = []
+        self.url = ""
+        self._seen = asyncio.Condition()
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/capability/register", self.handle)
+        app.router.add_post("/capability/unregister", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.requests.append((request.path, request.headers.get("Authorization", ""), body))
+        async with self._seen:
+            self._seen.notify_all()
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            return web.Response(status=503, text="try later")
+        if request.headers.get("Authorization") != self.secret:
+            return web.Response(status=400, text="invalid authorization")
+        return web.Response(text="ok", content_type="application/json")
+
+    async def wait_for(self, path: str, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        async with asyncio.timeout(timeout), self._seen:
+            await self._seen.wait_for(lambda: any(r[0] == path for r in self.requests))
 
 
 @dataclass(frozen=True)

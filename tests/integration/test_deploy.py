@@ -37,11 +37,11 @@ import av
 import numpy as np
 import pytest
 import yaml
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from byoc.processor import Frame, Processor, SessionContext, load_processor
 from tests.e2e.serve import ServeProcess
+from tests.support import FakeOrchestrator, serve_app
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -376,32 +376,13 @@ class LiveServe:
 
 
 async def _run_live_serve(live: LiveServe) -> None:
-    secret = live.env["BYOC_ORCH_SECRET"]
-    registered = asyncio.Event()
-
-    async def handle(request: web.Request) -> web.Response:
-        live.requests.append((request.path, request.headers.get("Authorization", ""), await request.read()))
-        if request.headers.get("Authorization") != secret:
-            return web.Response(status=400, text="invalid authorization")
-        if request.path == "/capability/register":
-            registered.set()
-        return web.Response(text="ok", content_type="application/json")
-
-    app = web.Application()
-    app.router.add_post("/capability/register", handle)
-    app.router.add_post("/capability/unregister", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    env = {**live.env, "BYOC_ORCHESTRATOR_URL": f"http://127.0.0.1:{port}", "PYTHONPATH": str(ROOT)}
-    try:
+    fake = FakeOrchestrator(live.env["BYOC_ORCH_SECRET"])
+    async with serve_app(fake.app()) as url:
+        env = {**live.env, "BYOC_ORCHESTRATOR_URL": url, "PYTHONPATH": str(ROOT)}
         async with ServeProcess(env=env) as serve, aiohttp.ClientSession() as http:
             try:
                 await serve.wait_ready(http)
-                async with asyncio.timeout(15):
-                    await registered.wait()
+                await fake.wait_for("/capability/register", timeout=15)
                 async with http.get(f"{serve.url}/health") as response:
                     live.health_status = response.status
                 async with http.get(f"{serve.url}/metrics") as response:
@@ -413,8 +394,7 @@ async def _run_live_serve(live: LiveServe) -> None:
                 live.drain_s = time.monotonic() - started
             finally:
                 live.log = serve.log
-    finally:
-        await runner.cleanup()
+                live.requests = fake.requests
 
 
 @pytest.fixture(scope="module")

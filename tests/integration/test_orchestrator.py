@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 
 from byoc.orchestrator import Capability, LocalOrchestrator, OrchestratorSettings
+from tests.support import serve_app
 
 SECRET = "s3cret"
 
@@ -46,13 +47,9 @@ async def container() -> AsyncIterator[FakeContainer]:
     app = web.Application()
     for path in ("/stream/start", "/stream/params", "/stream/stop"):
         app.router.add_post(path, fake.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    fake.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    yield fake
-    await runner.cleanup()
+    async with serve_app(app) as url:
+        fake.url = url
+        yield fake
 
 
 @contextlib.asynccontextmanager

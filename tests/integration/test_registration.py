@@ -17,6 +17,7 @@ from aiohttp import web
 from byoc.config import Settings
 from byoc.errors import ByocError, ConfigError
 from byoc.registration import CapabilityInfo, Registrar
+from tests.support import serve_app
 
 SECRET = "orch-S3cret/+= with space"
 NAME = "my-filter"
@@ -143,15 +144,10 @@ async def orch() -> AsyncIterator[FakeOrchestrator]:
     app = web.Application()
     app.router.add_post("/capability/register", fake.register)
     app.router.add_post("/capability/unregister", fake.unregister)
-    runner = web.AppRunner(app, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    fake.url = f"http://{host}:{port}"
-    yield fake
-    fake.release.set()
-    await runner.cleanup()
+    async with serve_app(app) as url:
+        fake.url = url
+        yield fake
+        fake.release.set()
 
 
 @pytest.fixture

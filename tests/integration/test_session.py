@@ -327,7 +327,9 @@ async def test_sessions_share_one_processor_but_not_state(
 
 async def test_max_fps_caps_the_output_rate(trickle: RunningTrickle, http: aiohttp.ClientSession) -> None:
     async with StreamHarness(trickle, http) as h:
-        session = Session(h.spec(max_fps=15.0, params={"max_fps": 15}), PassthroughProcessor(), http, SETTINGS)
+        session = Session(
+            h.spec(max_fps=15.0, params={"max_fps": 15}), PassthroughProcessor(), http, SETTINGS
+        )
         run = await _run(session)
         await h.publish(make_segments(1))
         await h.input.close()

@@ -25,9 +25,19 @@ def test_help_documents_every_setting_with_its_environment_variable() -> None:
 
 
 def test_flags_win_over_environment_over_defaults() -> None:
-    environ = {"BYOC_MAX_SESSIONS": "7", "BYOC_PORT": "9001", "BYOC_INSECURE_TLS": "yes", "BYOC_PROCESSOR": "invert"}
+    environ = {
+        "BYOC_MAX_SESSIONS": "7",
+        "BYOC_PORT": "9001",
+        "BYOC_INSECURE_TLS": "yes",
+        "BYOC_PROCESSOR": "invert",
+    }
     settings = settings_from(["--port", "9002"], environ)
-    assert (settings.max_sessions, settings.port, settings.insecure_tls, settings.processor) == (7, 9002, True, "invert")
+    assert (settings.max_sessions, settings.port, settings.insecure_tls, settings.processor) == (
+        7,
+        9002,
+        True,
+        "invert",
+    )
     assert settings_from([], {}).max_sessions == Settings().max_sessions
     options = settings_from(["--processor-option", "ms=5", "--processor-option", "mode=async"], {})
     assert options.processor_options == {"ms": "5", "mode": "async"}
