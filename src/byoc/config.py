@@ -53,6 +53,9 @@ class Settings:
         "CPython GIL switch interval; shorter keeps /health and trickle I/O prompt while processors "
         "hold the GIL",
     )
+    thread_nice: int = _setting(
+        10, "niceness added to the media and processing threads, so that requests are answered first"
+    )
     # --- media ---
     segment_s: float = _setting(1.0, f"output segment length in seconds (at most {MAX_SEGMENT_S})")
     preset: str = _setting("superfast", "x264 preset of the output")
@@ -136,6 +139,7 @@ class Settings:
             drain_timeout_s=max(1.0, self.drain_timeout_s - 2.0),
             max_duration_s=self.max_session_s,
             max_consecutive_errors=self.max_consecutive_errors,
+            thread_nice=self.thread_nice,
             trickle=self.trickle(),
         )
 

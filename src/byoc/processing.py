@@ -79,12 +79,13 @@ class ProcessingWorker(Stage):
         *,
         max_consecutive_errors: int = 10,
         name: str = "processing",
+        nice: int = 0,
         on_error: Callable[[str], None] | None = None,
         on_started: Callable[[], None] | None = None,
         on_exit: Callable[[], None] | None = None,
         on_processed: Callable[[float], None] | None = None,
     ) -> None:
-        super().__init__(name)
+        super().__init__(name, nice=nice)
         self._processor = processor
         self._context = context
         self._source = source

@@ -163,6 +163,7 @@ class Session:
                 height=spec.height,
                 max_fps=spec.max_fps,
                 name=f"decode-{spec.stream_id}",
+                nice=s.thread_nice,
                 on_error=self._error,
                 on_frame=self._input_rate.tick,
             )
@@ -173,6 +174,7 @@ class Session:
             self._processed if has_output else None,
             max_consecutive_errors=s.max_consecutive_errors,
             name=f"process-{spec.stream_id}",
+            nice=s.thread_nice,
             on_error=self._error,
             on_started=self._from_thread(self._started.set),
             on_exit=self._from_thread(self._worker_done.set),
@@ -186,6 +188,7 @@ class Session:
                 self._sink,
                 EncoderSettings(spec.width, spec.height, segment_s=s.segment_s, preset=s.preset, crf=s.crf),
                 name=f"encode-{spec.stream_id}",
+                nice=s.thread_nice,
                 on_frame=self._frame_done,
                 on_error=self._error,
             )

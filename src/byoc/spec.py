@@ -54,4 +54,6 @@ class SessionSettings:
     queue_capacity: int = 8
     max_frame_age_s: float = 0.1
     data_batch_s: float = 0.1
+    thread_nice: int = 0
+    """Niceness added to the session's decoder, processing and encoder threads (Linux)."""
     trickle: TrickleClientSettings = field(default_factory=TrickleClientSettings)

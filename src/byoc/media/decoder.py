@@ -213,11 +213,12 @@ class Decoder(Stage):
         height: int,
         max_fps: float | None = None,
         name: str = "decoder",
+        nice: int = 0,
         on_error: Callable[[str], None] | None = None,
         on_frame: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(name)
+        super().__init__(name, nice=nice)
         self._output = output
         self._on_frame = on_frame or (lambda: None)
         self._fitter = FrameFitter(width, height)

@@ -126,11 +126,12 @@ class Encoder(Stage):
         settings: EncoderSettings,
         *,
         name: str = "encoder",
+        nice: int = 0,
         on_frame: Callable[[VideoItem], None] | None = None,
         on_error: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(name)
+        super().__init__(name, nice=nice)
         self._source = source
         self._sink = sink
         self.settings = settings

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -24,12 +25,22 @@ def call_in_loop(loop: asyncio.AbstractEventLoop, callback: Callable[..., object
 class Stage:
     """Runs ``_run`` on a daemon thread (a stage stuck in user code can never keep the process alive).
 
-    A subclass implements ``_run`` and sets ``self.error`` when it ends because of an exception.
+    A subclass implements ``_run`` and sets ``self.error`` when it ends because of an exception. With
+    ``nice``, the thread runs at a lower scheduling priority (Linux), so that when media work saturates
+    the machine the threads that answer requests (/health, starts) still get the CPU at once.
     """
 
-    def __init__(self, name: str) -> None:
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+    def __init__(self, name: str, *, nice: int = 0) -> None:
+        self._thread = threading.Thread(target=self._start_run, name=name, daemon=True)
+        self._nice = nice
         self.error: BaseException | None = None
+
+    def _start_run(self) -> None:
+        if self._nice:  # Linux: lower this thread's priority so request handling comes first
+            with contextlib.suppress(OSError, AttributeError):
+                niceness = os.getpriority(os.PRIO_PROCESS, 0) + self._nice
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+        self._run()
 
     def start(self) -> None:
         self._thread.start()
