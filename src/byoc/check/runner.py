@@ -407,6 +407,7 @@ class _Check:
             took = time.monotonic() - began
         else:
             wait = self.o.shutdown_wait_s
+            self.serving = False  # from now on a 503 (draining) is what it should answer
             self.say(f"stop the container now (docker stop / kubectl delete pod); waiting {wait:.0f} s")
         ended = await self.wait_streams_ended(ours)
         self.result.shutdown = [
