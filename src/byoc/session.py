@@ -151,6 +151,7 @@ class Session:
         self._latency = LatencyWindow()
         self._input_segments = self._output_segments = self._output_bytes = 0
         self.context = SessionContext(spec.stream_id, spec.width, spec.height, dict(spec.params), self)
+        self._params = dict(spec.params)
         self._frames: StageQueue[Item] = StageQueue(capacity=s.queue_capacity, max_age_s=s.max_frame_age_s)
         self._processed: StageQueue[Item] = StageQueue(capacity=s.queue_capacity, max_age_s=s.max_frame_age_s)
         has_input = spec.subscribe_url is not None
@@ -226,6 +227,7 @@ class Session:
     def update_params(self, params: Mapping[str, Any]) -> None:
         """Apply new parameters between two frames (from /stream/params or the control channel)."""
         update = dict(params)
+        self._params.update(update)  # what the stream was given; the processor sees it between frames
         if "max_fps" in update and self._decoder is not None:
             self._decoder.max_fps = _positive_float(update["max_fps"])
         with contextlib.suppress(Closed):
@@ -289,7 +291,7 @@ class Session:
             state=self._state,
             started_at_ms=int(self._started_at * 1000),
             uptime_s=time.monotonic() - self._started_mono,
-            params=dict(self.context.params),
+            params=dict(self._params),
             width=self.spec.width,
             height=self.spec.height,
             has_audio=bool(decoder and decoder.has_audio),
