@@ -39,6 +39,7 @@ KEEPALIVE_INTERVAL_S = 10.0
 _VIDEO_PID = 0x100
 _START_TIMEOUT_S = 30.0
 _STOP_TIMEOUT_S = 10.0
+_DRAIN_TIMEOUT_S = 2.0  # how long the readers get to see the container close its channels
 
 _CHANNELS = {  # role -> (suffix, MIME type), as go-livepeer names and types them (protocol.md §2.2)
     "input": ("", "video/MP2T"),
@@ -190,6 +191,8 @@ class LocalStream:
                 if self.request.duration_s:
                     watchers.append(tasks.create_task(self._expire(self.request.duration_s)))
                 await self._stopping.wait()
+                # the container closes output and events on its own; let the readers see that
+                await asyncio.wait(watchers[:2], timeout=_DRAIN_TIMEOUT_S)
                 for task in watchers:
                     task.cancel()
         finally:
