@@ -179,9 +179,12 @@ class LocalStream:
         self.state = "running"
         try:
             async with asyncio.TaskGroup() as tasks:
-                watchers = [
+                readers = [
                     tasks.create_task(self._read_output(), name=f"{self.stream_id}:output"),
                     tasks.create_task(self._read_events(), name=f"{self.stream_id}:events"),
+                ]
+                watchers = [
+                    *readers,
                     tasks.create_task(self._keepalive(), name=f"{self.stream_id}:keepalive"),
                 ]
                 if "data" in self.urls:
@@ -192,7 +195,7 @@ class LocalStream:
                     watchers.append(tasks.create_task(self._expire(self.request.duration_s)))
                 await self._stopping.wait()
                 # the container closes output and events on its own; let the readers see that
-                await asyncio.wait(watchers[:2], timeout=_DRAIN_TIMEOUT_S)
+                await asyncio.wait(readers, timeout=_DRAIN_TIMEOUT_S)
                 for task in watchers:
                     task.cancel()
         finally:
