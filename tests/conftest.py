@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
+from byoc.dev.trickle_server import RunningTrickle, serve_trickle
 from byoc.trickle.client import TrickleClientSettings, create_client_session
 from byoc.trickle.protocol import RetryPolicy
-from byoc.trickle.server import RunningTrickle, serve_trickle
 
 FAST_RETRY = RetryPolicy(max_retries=4, initial_delay_s=0.01, max_delay_s=0.05, max_elapsed_s=5.0)
 TEST_CLIENT_SETTINGS = TrickleClientSettings(

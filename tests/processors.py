@@ -32,7 +32,7 @@ class Recording(Processor):
 
     def _note(self, hook: str, session: SessionContext) -> None:
         with self.lock:
-            self.calls.append((hook, session.session_id))
+            self.calls.append((hook, session.stream_id))
 
     def on_start(self, session: SessionContext) -> None:
         self._note("on_start", session)

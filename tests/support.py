@@ -17,11 +17,11 @@ import av
 import numpy as np
 from aiohttp import web
 
-from byoc.media.synthetic import SyntheticStream, read_frame_index
+from byoc.dev.synthetic import SyntheticStream, read_frame_index
+from byoc.dev.trickle_server import RunningTrickle
 from byoc.spec import StreamSpec
 from byoc.trickle.protocol import channel_url
 from byoc.trickle.publisher import TricklePublisher
-from byoc.trickle.server import RunningTrickle
 from byoc.trickle.subscriber import TrickleSubscriber
 from tests.conftest import TEST_CLIENT_SETTINGS
 
@@ -194,7 +194,7 @@ class StreamHarness:
             await asyncio.gather(*self._readers)
 
     async def publish(self, segments: Sequence[list[bytes]], *, realtime: bool = True) -> list[float]:
-        from byoc.media.synthetic import publish_live
+        from byoc.dev.synthetic import publish_live
 
         return await publish_live(self.input, segments, realtime=realtime)
 

@@ -12,10 +12,10 @@ __all__ = ["COMMANDS", "main"]
 
 
 def _serve(argv: Sequence[str]) -> int:
-    from byoc.config import settings_from
     from byoc.errors import ConfigError
     from byoc.logs import configure_logging
-    from byoc.runtime import Runtime
+    from byoc.serve.config import settings_from
+    from byoc.serve.runtime import Runtime
 
     try:
         settings = settings_from(argv)
@@ -27,31 +27,31 @@ def _serve(argv: Sequence[str]) -> int:
 
 
 def _orchestrator(argv: Sequence[str]) -> int:
-    from byoc.orchestrator.app import main as orchestrator
+    from byoc.dev.orchestrator.app import main as orchestrator
 
     return orchestrator(list(argv))
 
 
 def _check(argv: Sequence[str]) -> int:
-    from byoc.check.runner import main as check
+    from byoc.dev.check.runner import main as check
 
     return check(list(argv))
 
 
 def _publish(argv: Sequence[str]) -> int:
-    from byoc.bridge import main as publish
+    from byoc.dev.publish import main as publish
 
     return publish(list(argv))
 
 
 def _demo(argv: Sequence[str]) -> int:
-    from byoc.demo import main as demo
+    from byoc.dev.demo import main as demo
 
     return demo(list(argv))
 
 
 def _bench(argv: Sequence[str]) -> int:
-    benchmarks = {"pipeline": "byoc.bench.pipeline", "serve": "byoc.bench.serve"}
+    benchmarks = {"pipeline": "byoc.dev.bench.pipeline", "serve": "byoc.dev.bench.serve"}
     if not argv or argv[0] not in benchmarks:
         print(f"usage: byoc bench {{{','.join(benchmarks)}}} [options]", file=sys.stderr)
         return 2

@@ -1,19 +1,24 @@
-"""Log set-up for the byoc commands: one line per record, with the stream a record belongs to."""
+"""Log set-up for the byoc commands: one line per record, with the stream a record belongs to.
+
+The stream id travels in a context variable. A session sets it on its task; its stage threads are
+started with a copy of that context (``byoc.threads.start_thread``), so their lines name it too.
+"""
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import sys
 
-from byoc.session import current_stream_id
-
-__all__ = ["configure_logging"]
+__all__ = ["configure_logging", "current_stream_id"]
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s [%(stream_id)s] %(message)s"
 
+current_stream_id: contextvars.ContextVar[str] = contextvars.ContextVar("stream_id", default="-")
+
 
 class _StreamIdFilter(logging.Filter):
-    """Adds the stream id of the current task (a contextvar; ``-`` outside sessions)."""
+    """Adds the stream id of the current task or thread (``-`` outside sessions)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "stream_id"):

@@ -125,7 +125,7 @@ class SessionContext:
     from any hook.
     """
 
-    session_id: str
+    stream_id: str
     width: int
     height: int
     params: dict[str, Any]
@@ -179,9 +179,9 @@ def is_async_hook(hook: Callable[..., Any]) -> bool:
 
 
 BUILTIN_PROCESSORS: Mapping[str, str] = {
-    "passthrough": "byoc.processors.passthrough:PassthroughProcessor",
-    "invert": "byoc.processors.invert:InvertProcessor",
-    "load": "byoc.processors.load:create",
+    "passthrough": "byoc.builtin.passthrough:PassthroughProcessor",
+    "invert": "byoc.builtin.invert:InvertProcessor",
+    "load": "byoc.builtin.load:create",
 }
 
 

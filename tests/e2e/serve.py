@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import aiohttp
 
-from byoc.children import ByocProcess
+from byoc.dev.children import ByocProcess
 
 
 class ServeProcess(ByocProcess):

@@ -17,8 +17,8 @@ import aiohttp
 import av
 import pytest
 
-from byoc.children import ByocProcess, free_port
-from byoc.media.synthetic import read_frame_index
+from byoc.dev.children import ByocProcess, free_port
+from byoc.dev.synthetic import read_frame_index
 from byoc.trickle.subscriber import TrickleSubscriber
 
 pytestmark = pytest.mark.e2e

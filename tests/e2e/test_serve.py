@@ -15,8 +15,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from byoc.stats import percentile
-from byoc.trickle.server import RunningTrickle
+from byoc.dev.trickle_server import RunningTrickle
+from byoc.session.stats import percentile
 from tests.e2e.serve import ServeProcess
 from tests.support import StreamHarness, decode, make_segments
 
@@ -143,7 +143,7 @@ async def test_health_answers_fast_while_processors_saturate_the_machine(
         streams = harnesses[:4]
         assert await asyncio.gather(*(start(http, serve, h) for h in streams)) == [200] * 4
         poller = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "byoc.bench.probe", str(serve.port), "3.5", "20", stdout=PIPE
+            sys.executable, "-m", "byoc.dev.bench.probe", str(serve.port), "3.5", "20", stdout=PIPE
         )
         await asyncio.gather(*(h.publish(segments) for h in streams))
         polled = json.loads((await poller.communicate())[0])

@@ -11,11 +11,11 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from byoc.config import Settings
+from byoc.builtin.passthrough import PassthroughProcessor
+from byoc.dev.trickle_server import RunningTrickle
 from byoc.processor import Processor
-from byoc.processors.passthrough import PassthroughProcessor
-from byoc.runtime import Runtime
-from byoc.trickle.server import RunningTrickle
+from byoc.serve.config import Settings
+from byoc.serve.runtime import Runtime
 from tests.support import StreamHarness, make_segments
 
 

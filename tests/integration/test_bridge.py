@@ -8,10 +8,10 @@ import io
 
 import aiohttp
 
-from byoc.bridge import TsSegmenter, publish_ts
+from byoc.dev.publish import TsSegmenter, publish_ts
+from byoc.dev.trickle_server import RunningTrickle
 from byoc.errors import ChannelGone
 from byoc.trickle.protocol import channel_url
-from byoc.trickle.server import RunningTrickle
 from byoc.trickle.subscriber import TrickleSubscriber
 from tests.conftest import TEST_CLIENT_SETTINGS
 from tests.support import PSI_PIDS, decode, first_ts_pid, first_video_is_keyframe, make_segments

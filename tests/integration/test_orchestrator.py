@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from byoc.orchestrator import Capability, LocalOrchestrator, OrchestratorSettings
+from byoc.dev.orchestrator import Capability, LocalOrchestrator, OrchestratorSettings
 from tests.support import serve_app
 
 SECRET = "s3cret"

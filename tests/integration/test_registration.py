@@ -14,14 +14,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from byoc.config import Settings
 from byoc.errors import ByocError, ConfigError
-from byoc.registration import CapabilityInfo, Registrar
+from byoc.serve.config import Settings
+from byoc.serve.registration import CapabilityInfo, Registrar
 from tests.support import serve_app
 
 SECRET = "orch-S3cret/+= with space"
 NAME = "my-filter"
-LOGGER = "byoc.registration"
+LOGGER = "byoc.serve.registration"
 Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
 
 # The Go struct's fields and JSON types (core.ExternalCapability): a wrong type fails the whole request.

@@ -12,12 +12,12 @@ import av
 import numpy as np
 import pytest
 
-from byoc.media.synthetic import pattern
+from byoc.builtin.passthrough import PassthroughProcessor
+from byoc.dev.synthetic import pattern
+from byoc.dev.trickle_server import RunningTrickle
 from byoc.processor import load_processor
-from byoc.processors.passthrough import PassthroughProcessor
 from byoc.session import Session
 from byoc.spec import EndReason, SessionSettings
-from byoc.trickle.server import RunningTrickle
 from tests.conftest import TEST_CLIENT_SETTINGS
 from tests.processors import Failing, Hanging, Recording
 from tests.support import (

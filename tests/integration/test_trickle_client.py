@@ -12,11 +12,11 @@ from typing import Any
 import aiohttp
 import pytest
 
+from byoc.dev.trickle_server import RequestRecord, RunningTrickle, serve_trickle
 from byoc.errors import ChannelGone, DataLineTooLong, RetriesExhausted
 from byoc.trickle.channels import ControlReader, DataWriter, EventsWriter
 from byoc.trickle.protocol import SEQ_CURRENT, SEQ_NEXT, channel_url
 from byoc.trickle.publisher import TricklePublisher
-from byoc.trickle.server import RequestRecord, RunningTrickle, serve_trickle
 from byoc.trickle.subscriber import TrickleSubscriber
 from tests.conftest import TEST_CLIENT_SETTINGS
 

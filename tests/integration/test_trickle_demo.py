@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from byoc.trickle.__main__ import SEGMENTS, run_demo
+from byoc.dev.trickle_demo import SEGMENTS, run_demo
 
 
 async def test_loopback_demo_reports_every_segment() -> None:

@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator, Callable, Mapping
 import aiohttp
 import pytest
 
+from byoc.dev.trickle_server import RequestRecord, RunningTrickle, serve_trickle
 from byoc.trickle.protocol import CLOSED_HEADER, CLOSED_VALUE, LATEST_HEADER, RESET_HEADER, SEQ_HEADER
-from byoc.trickle.server import RequestRecord, RunningTrickle, serve_trickle
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -363,7 +363,7 @@ async def test_post_waiting_for_first_byte_is_released_by_delete(
 
 
 async def test_keepalive_100_continue_is_skipped_by_aiohttp(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="byoc.trickle.server")
+    caplog.set_level(logging.DEBUG, logger="byoc.dev.trickle_server")
     async with serve_trickle(first_byte_keepalive_s=0.02) as rt, aiohttp.ClientSession() as session:
         rt.server.create_channel(CH)
         feed = Feed()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from byoc.check.model import (
+from byoc.dev.check.model import (
     CheckResult,
     HealthSample,
     ItemResult,
@@ -18,7 +18,7 @@ from byoc.check.model import (
     SessionShutdown,
     StepResult,
 )
-from byoc.check.report import terminal_lines, write_json, write_report
+from byoc.dev.check.report import terminal_lines, write_json, write_report
 from byoc.errors import ConfigError
 
 MIB = 1024 * 1024

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from byoc.config import Settings, build_parser, settings_from
 from byoc.errors import ConfigError
+from byoc.serve.config import Settings, build_parser, settings_from
 
 
 def test_help_documents_every_setting_with_its_environment_variable() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from byoc.gpu import (
+from byoc.serve.gpu import (
     DeviceMemory,
     GpuMonitor,
     MemoryBudget,
@@ -46,7 +46,7 @@ class _Device:
 
 @dataclass
 class FakeNvml:
-    """The slice of the pynvml API that byoc.gpu uses, with switches for failures."""
+    """The slice of the pynvml API that byoc.serve.gpu uses, with switches for failures."""
 
     devices: list[_Device] = field(default_factory=list)
     fail_init: bool = False
@@ -132,7 +132,7 @@ def test_free_bytes_never_negative() -> None:
 def test_init_failure_makes_the_monitor_unavailable_without_raising(caplog: pytest.LogCaptureFixture) -> None:
     nvml = one_gpu()
     nvml.fail_init = True
-    with caplog.at_level(logging.INFO, logger="byoc.gpu"):
+    with caplog.at_level(logging.INFO, logger="byoc.serve.gpu"):
         monitor = GpuMonitor(nvml)
 
     assert not monitor.available
@@ -147,7 +147,7 @@ def test_missing_pynvml_makes_the_monitor_unavailable(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setitem(sys.modules, "pynvml", None)  # makes `import pynvml` raise ImportError
-    with caplog.at_level(logging.INFO, logger="byoc.gpu"):
+    with caplog.at_level(logging.INFO, logger="byoc.serve.gpu"):
         monitor = GpuMonitor()
     assert not monitor.available
     assert monitor.devices() == []
@@ -172,7 +172,7 @@ def test_read_error_mid_run_returns_empty_and_recovers(caplog: pytest.LogCapture
     assert len(monitor.devices()) == 1
 
     nvml.fail_reads = True
-    with caplog.at_level(logging.WARNING, logger="byoc.gpu"):
+    with caplog.at_level(logging.WARNING, logger="byoc.serve.gpu"):
         assert monitor.devices() == []
     assert any("GPU is lost" in r.getMessage() for r in caplog.records)
     assert monitor.available  # a failed read is not a failed init
@@ -190,7 +190,7 @@ def test_read_error_warning_is_rate_limited_per_message(caplog: pytest.LogCaptur
     def warnings() -> int:
         return sum(1 for r in caplog.records if r.levelno == logging.WARNING)
 
-    with caplog.at_level(logging.WARNING, logger="byoc.gpu"):
+    with caplog.at_level(logging.WARNING, logger="byoc.serve.gpu"):
         for _ in range(5):
             monitor.devices()
         assert warnings() == 1

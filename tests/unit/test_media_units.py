@@ -8,9 +8,9 @@ import av
 import numpy as np
 import pytest
 
+from byoc.dev.synthetic import SyntheticStream, pattern, read_frame_index
 from byoc.media.decoder import FrameFitter, _Timestamps
 from byoc.media.encoder import EncoderSettings
-from byoc.media.synthetic import SyntheticStream, pattern, read_frame_index
 from byoc.media.ts import FLUSH_ACCESS_UNIT, PACKET_SIZE, first_video_pts, video_flush_packets
 
 

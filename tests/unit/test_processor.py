@@ -9,11 +9,11 @@ import av
 import numpy as np
 import pytest
 
+from byoc.builtin import AsyncLoadProcessor, InvertProcessor, LoadProcessor, PassthroughProcessor
+from byoc.dev.synthetic import pattern
 from byoc.errors import ConfigError, ProcessorLoadError
-from byoc.media.synthetic import pattern
-from byoc.processing import to_video_frame
 from byoc.processor import BUILTIN_PROCESSORS, Frame, Processor, SessionContext, is_async_hook, load_processor
-from byoc.processors import AsyncLoadProcessor, InvertProcessor, LoadProcessor, PassthroughProcessor
+from byoc.session.worker import to_video_frame
 
 
 def _frame(index: int = 3) -> Frame:
@@ -41,7 +41,7 @@ def _context() -> SessionContext:
         ("invert", {}, InvertProcessor),
         ("load", {"ms": "5", "memory_mb": "1"}, LoadProcessor),
         ("load", {"mode": "async"}, AsyncLoadProcessor),
-        ("byoc.processors.invert:InvertProcessor", {}, InvertProcessor),
+        ("byoc.builtin.invert:InvertProcessor", {}, InvertProcessor),
         ("tests.processors:Recording", {}, Processor),
     ],
 )
@@ -54,9 +54,9 @@ def test_load_processor(reference: str, options: dict[str, str], expected: type)
     [
         ("nope", {}, "neither a built-in"),
         ("no_such_package.module:Thing", {}, "cannot import module 'no_such_package.module'"),
-        ("byoc.processors.invert:Missing", {}, "has no attribute 'Missing'"),
-        ("byoc.processors.invert:__doc__", {}, "not a Processor class or factory"),
-        ("byoc.processors.invert:InvertProcessor", {"bogus": "1"}, "cannot create processor"),
+        ("byoc.builtin.invert:Missing", {}, "has no attribute 'Missing'"),
+        ("byoc.builtin.invert:__doc__", {}, "not a Processor class or factory"),
+        ("byoc.builtin.invert:InvertProcessor", {"bogus": "1"}, "cannot create processor"),
         ("fractions:Fraction", {}, "returned Fraction, not a byoc Processor"),
         ("load", {"mode": "warp"}, "mode must be"),
     ],

@@ -9,8 +9,8 @@ import av
 import numpy as np
 import pytest
 
+from byoc.dev.synthetic import pattern
 from byoc.errors import ConfigError
-from byoc.media.synthetic import pattern
 from byoc.processor import Frame
 from byoc.tensors import to_rgb, to_tensor, torch_module
 

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import threading
-from collections.abc import Callable
-from typing import Any
 
-__all__ = ["Stage", "call_in_loop"]
+from byoc.threads import start_thread
 
-
-def call_in_loop(loop: asyncio.AbstractEventLoop, callback: Callable[..., object], *args: Any) -> None:
-    """Schedule ``callback(*args)`` on ``loop`` from another thread; nothing if the loop is gone.
-
-    A stage left behind in user code (a hung processor) may finish long after its session — even after
-    the loop it reports to was closed — and must not fail then.
-    """
-    with contextlib.suppress(RuntimeError):
-        loop.call_soon_threadsafe(callback, *args)
+__all__ = ["Stage"]
 
 
 class Stage:
@@ -31,7 +20,8 @@ class Stage:
     """
 
     def __init__(self, name: str, *, nice: int = 0) -> None:
-        self._thread = threading.Thread(target=self._start_run, name=name, daemon=True)
+        self._name = name
+        self._thread: threading.Thread | None = None
         self._nice = nice
         self.error: BaseException | None = None
 
@@ -43,16 +33,19 @@ class Stage:
         self._run()
 
     def start(self) -> None:
-        self._thread.start()
+        """Start the thread, in a copy of the caller's context (log lines keep their stream id)."""
+        self._thread = start_thread(self._start_run, self._name)
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the thread; True if it has ended."""
+        if self._thread is None:
+            return True
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
     @property
     def running(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
         raise NotImplementedError

@@ -1,4 +1,4 @@
-"""The trickle protocol: client (subscriber, publisher, JSON channels) and a go-livepeer-faithful server."""
+"""The trickle protocol, client side: subscriber, publisher, JSON channels (the test server: byoc.dev)."""
 
 from __future__ import annotations
 

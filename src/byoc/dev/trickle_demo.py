@@ -10,10 +10,10 @@ import asyncio
 import sys
 import time
 
+from byoc.dev.trickle_server import serve_trickle
 from byoc.trickle.client import TrickleClientSettings, create_client_session
 from byoc.trickle.protocol import channel_url
 from byoc.trickle.publisher import TricklePublisher
-from byoc.trickle.server import serve_trickle
 from byoc.trickle.subscriber import TrickleSubscriber
 
 __all__ = ["run_demo"]

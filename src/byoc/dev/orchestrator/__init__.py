@@ -8,9 +8,9 @@ reads what comes back.
 
 from __future__ import annotations
 
-from byoc.orchestrator.app import LocalOrchestrator, OrchestratorSettings
-from byoc.orchestrator.registry import Capability, CapabilityRegistry
-from byoc.orchestrator.streams import LocalStream, StreamRequest
+from byoc.dev.orchestrator.app import LocalOrchestrator, OrchestratorSettings
+from byoc.dev.orchestrator.registry import Capability, CapabilityRegistry
+from byoc.dev.orchestrator.streams import LocalStream, StreamRequest
 
 __all__ = [
     "Capability",

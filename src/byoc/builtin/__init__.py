@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from byoc.processors.invert import InvertProcessor
-from byoc.processors.load import AsyncLoadProcessor, LoadProcessor
-from byoc.processors.passthrough import PassthroughProcessor
+from byoc.builtin.invert import InvertProcessor
+from byoc.builtin.load import AsyncLoadProcessor, LoadProcessor
+from byoc.builtin.passthrough import PassthroughProcessor
 
 __all__ = ["AsyncLoadProcessor", "InvertProcessor", "LoadProcessor", "PassthroughProcessor"]

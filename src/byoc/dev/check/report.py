@@ -1,4 +1,4 @@
-"""Turns a :class:`~byoc.check.model.CheckResult` into what people read: the terminal summary, a JSON
+"""Turns a :class:`~byoc.dev.check.model.CheckResult` into what people read: the terminal summary, a JSON
 file and a self-contained report (``index.html`` + ``report.md`` + PNG plots).
 
 The plots need matplotlib, an optional extra (``pip install 'byoc[report]'``); it is imported only
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from byoc.check.model import CheckResult, HealthSample, MemoryFit, StepResult
+from byoc.dev.check.model import CheckResult, HealthSample, MemoryFit, StepResult
 from byoc.errors import ConfigError
 
 if TYPE_CHECKING:

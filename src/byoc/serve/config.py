@@ -18,7 +18,7 @@ from typing import Any
 
 from byoc.errors import ConfigError
 from byoc.media.encoder import MAX_SEGMENT_S
-from byoc.session import SessionSettings
+from byoc.spec import SessionSettings
 from byoc.trickle.client import TrickleClientSettings
 
 __all__ = ["ENV_PREFIX", "Settings", "build_parser", "settings_from"]

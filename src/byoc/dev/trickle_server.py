@@ -24,7 +24,7 @@ from http import HTTPStatus
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from byoc.trickle._store import Channel, FaultInjector, Segment
+from byoc.dev.trickle_store import Channel, FaultInjector, Segment
 from byoc.trickle.protocol import (
     CLOSED_HEADER,
     CLOSED_VALUE,

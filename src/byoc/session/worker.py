@@ -25,8 +25,9 @@ import numpy as np
 from byoc.errors import ProcessorError
 from byoc.media.items import TIME_BASE, AudioItem, Item, ParamsItem, VideoItem
 from byoc.media.queues import Closed, StageQueue
-from byoc.media.stage import Stage, call_in_loop
+from byoc.media.stage import Stage
 from byoc.processor import Frame, Processor, SessionContext, is_async_hook
+from byoc.threads import call_in_loop
 
 __all__ = ["ProcessingStatistics", "ProcessingWorker", "error_kind", "to_video_frame"]
 

@@ -20,15 +20,15 @@ from typing import Any
 
 import aiohttp
 
+from byoc.dev.orchestrator.registry import Capability
+from byoc.dev.synthetic import LoopingSource, publish_live
+from byoc.dev.trickle_server import TrickleServer
 from byoc.errors import ChannelGone, TrickleError
-from byoc.media.synthetic import LoopingSource, publish_live
 from byoc.media.ts import count_pes_starts, first_video_pts
-from byoc.orchestrator.registry import Capability
-from byoc.stats import percentile
+from byoc.session.stats import percentile
 from byoc.trickle.channels import KEEPALIVE
 from byoc.trickle.protocol import channel_url
 from byoc.trickle.publisher import TricklePublisher
-from byoc.trickle.server import TrickleServer
 from byoc.trickle.subscriber import TrickleSubscriber
 
 __all__ = ["KEEPALIVE_INTERVAL_S", "LocalStream", "StreamRequest"]

@@ -24,7 +24,7 @@ from typing import Any, TextIO
 import aiohttp
 import av
 
-from byoc.children import ByocProcess, free_port
+from byoc.dev.children import ByocProcess, free_port
 from byoc.trickle.client import TrickleClientSettings, create_client_session
 from byoc.trickle.subscriber import TrickleSubscriber
 

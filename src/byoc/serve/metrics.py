@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from byoc.gpu import DeviceMemory, TorchMemory
+from byoc.serve.gpu import DeviceMemory, TorchMemory
 
 __all__ = ["CONTENT_TYPE", "ERROR_TYPES", "FrameTotals", "MetricsSource", "RuntimeMetrics"]
 

@@ -16,12 +16,12 @@ from collections.abc import Callable
 import aiohttp
 
 from byoc.errors import AdmissionRefused, ProcessorError, SessionExists, SessionNotFound
-from byoc.metrics import FrameTotals
 from byoc.processor import Processor
+from byoc.serve.metrics import FrameTotals
+from byoc.serve.system import trim_memory
 from byoc.session import Session, SessionObserver
+from byoc.session.stats import SessionStatistics
 from byoc.spec import EndReason, SessionSettings, StreamSpec
-from byoc.stats import SessionStatistics
-from byoc.system import trim_memory
 
 __all__ = ["SessionManager"]
 

@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from byoc.threads import run_on_loop
+
 __all__ = ["ApiServer"]
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ class ApiServer:
 
     async def on_main(self, work: Coroutine[Any, Any, T]) -> T:
         """Run ``work`` on the runtime's main loop and await its result from the API loop."""
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, self._main))
+        return await run_on_loop(self._main, work)
 
     def _run(self) -> None:
         try:

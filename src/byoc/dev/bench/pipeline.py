@@ -33,20 +33,20 @@ from typing import Any
 
 import av
 
+from byoc.dev.synthetic import SyntheticStream, publish_live
+from byoc.dev.trickle_server import serve_trickle
 from byoc.media.encoder import EncoderSettings, x264_options
-from byoc.media.synthetic import SyntheticStream, publish_live
 from byoc.media.ts import first_video_pts
-from byoc.stats import percentile
+from byoc.session.stats import percentile
 from byoc.trickle.client import TrickleClientSettings, create_client_session
 from byoc.trickle.protocol import channel_url
 from byoc.trickle.publisher import TricklePublisher
-from byoc.trickle.server import serve_trickle
 from byoc.trickle.subscriber import TrickleSubscriber
 
 __all__ = ["PipelineReport", "run_pipeline_bench"]
 
 _VIDEO_PID = 0x100
-_CHILD_COMMAND = ["-m", "byoc.bench.pipeline"]
+_CHILD_COMMAND = ["-m", "byoc.dev.bench.pipeline"]
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def _raw_cpu_ms_per_frame(data: bytes, settings: EncoderSettings, *, fps: float 
 
 
 async def _child_process(*args: str) -> dict[str, Any]:
-    """Run ``python -m byoc.bench.pipeline ARGS`` and return the JSON it prints last."""
+    """Run ``python -m byoc.dev.bench.pipeline ARGS`` and return the JSON it prints last."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, *_CHILD_COMMAND, *args, stdout=asyncio.subprocess.PIPE
     )
@@ -208,7 +208,7 @@ def _thread_cpu_s() -> dict[str, float]:
 
 async def _child(spec: dict[str, Any]) -> dict[str, Any]:
     """Inside the session process: run one passthrough session and report its CPU time."""
-    from byoc.processors.passthrough import PassthroughProcessor
+    from byoc.builtin.passthrough import PassthroughProcessor
     from byoc.session import Session
     from byoc.spec import StreamSpec
 

@@ -23,7 +23,7 @@ from byoc.errors import ByocError, ConfigError
 from byoc.trickle.protocol import RetryPolicy, RetryState
 
 if TYPE_CHECKING:
-    from byoc.config import Settings
+    from byoc.serve.config import Settings
 
 __all__ = ["CapabilityInfo", "Registrar"]
 

@@ -30,11 +30,11 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from byoc.media.synthetic import LoopingSource
-from byoc.orchestrator.registry import Capability, CapabilityRegistry
-from byoc.orchestrator.streams import LocalStream, StreamRequest
+from byoc.dev.orchestrator.registry import Capability, CapabilityRegistry
+from byoc.dev.orchestrator.streams import LocalStream, StreamRequest
+from byoc.dev.synthetic import LoopingSource
+from byoc.dev.trickle_server import TrickleServer
 from byoc.trickle.client import TrickleClientSettings, create_client_session
-from byoc.trickle.server import TrickleServer
 
 __all__ = ["DEFAULT_SECRET", "LocalOrchestrator", "OrchestratorSettings"]
 

@@ -1,6 +1,6 @@
 """Polls ``/health`` from a process of its own, so the caller's own work cannot delay the measurement.
 
-``python -m byoc.bench.probe PORT SECONDS HZ`` prints one JSON line: every latency (ms), every status.
+``python -m byoc.dev.bench.probe PORT SECONDS HZ`` prints one JSON line: every latency (ms), every status.
 Each request opens a new connection, as a Kubernetes or Docker probe does.
 """
 

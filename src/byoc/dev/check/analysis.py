@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from byoc.check.model import MemoryFit
+from byoc.dev.check.model import MemoryFit
 
 __all__ = ["fit_line", "histogram_quantile", "leak_tolerance", "memory_fit", "recommended_sessions"]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from byoc.stats import SessionStatistics
+from byoc.session.stats import SessionStatistics
 
 __all__ = ["final_event", "pipeline_state", "status_event"]
 

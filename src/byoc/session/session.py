@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import threading
 import time
@@ -27,25 +26,24 @@ from typing import Any, Protocol
 import aiohttp
 
 from byoc.errors import ChannelClosed, ChannelGone, ProcessorError, TrickleError
-from byoc.events import final_event, status_event
+from byoc.logs import current_stream_id
 from byoc.media.decoder import Decoder
 from byoc.media.encoder import Encoder, EncoderSettings
 from byoc.media.items import Item, ParamsItem, VideoItem
 from byoc.media.queues import Closed, StageQueue
-from byoc.media.stage import call_in_loop
-from byoc.processing import ProcessingWorker
 from byoc.processor import Processor, SessionContext
+from byoc.session.events import final_event, status_event
+from byoc.session.stats import LatencyWindow, RateMeter, SessionStatistics
+from byoc.session.worker import ProcessingWorker
 from byoc.spec import EndReason, SessionSettings, StreamSpec
-from byoc.stats import LatencyWindow, RateMeter, SessionStatistics
+from byoc.threads import call_in_loop
 from byoc.trickle.channels import ControlReader, DataWriter, EventsWriter, encode_data_lines
 from byoc.trickle.publisher import PublishSegment, TricklePublisher
 from byoc.trickle.subscriber import TrickleSubscriber
 
-__all__ = ["EndReason", "Session", "SessionObserver", "SessionSettings", "StreamSpec", "current_stream_id"]
+__all__ = ["Session", "SessionObserver"]
 
 log = logging.getLogger(__name__)
-
-current_stream_id: contextvars.ContextVar[str] = contextvars.ContextVar("stream_id", default="-")
 
 
 class SessionObserver(Protocol):

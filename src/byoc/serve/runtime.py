@@ -18,34 +18,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import os
 import signal
 import sys
-import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import aiohttp
 
 from byoc import __version__
-from byoc.api import build_app
-from byoc.apiserver import ApiServer
-from byoc.config import Settings
 from byoc.errors import ByocError
-from byoc.gpu import DeviceMemory, GpuMonitor, MemoryBudget, TorchMemory, torch_memory
-from byoc.health import HealthView, RuntimeState
-from byoc.manager import SessionManager
-from byoc.media.stage import call_in_loop
-from byoc.metrics import FrameTotals, RuntimeMetrics
 from byoc.processor import Processor, load_processor
-from byoc.registration import Registrar
-from byoc.system import memory_limit
+from byoc.serve.api import build_app
+from byoc.serve.apiserver import ApiServer
+from byoc.serve.config import Settings
+from byoc.serve.gpu import DeviceMemory, GpuMonitor, MemoryBudget, TorchMemory, torch_memory
+from byoc.serve.health import HealthView, RuntimeState
+from byoc.serve.manager import SessionManager
+from byoc.serve.metrics import FrameTotals, RuntimeMetrics
+from byoc.serve.registration import Registrar
+from byoc.serve.system import memory_limit
+from byoc.threads import run_in_thread
 from byoc.trickle.client import create_client_session
 
-__all__ = ["EXIT_HUNG", "EXIT_LOAD_FAILED", "Runtime", "run_in_thread"]
+__all__ = ["EXIT_HUNG", "EXIT_LOAD_FAILED", "Runtime"]
 
 log = logging.getLogger(__name__)
 
@@ -56,41 +54,6 @@ _BUDGET_SAMPLE_S = 2.0
 _HEARTBEAT_S = 0.5
 _STALL_S = 5.0
 T = TypeVar("T")
-
-
-async def run_in_thread(call: Callable[[], object], name: str) -> None:
-    """Run user code on a daemon thread of its own (a coroutine gets its own loop there) and await it.
-
-    Unlike the default executor, a call that never returns cannot keep the process from exiting.
-    """
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-
-    def target() -> None:
-        try:
-            result = call()
-            if inspect.isawaitable(result):
-                asyncio.run(_await(result))
-        except BaseException as exc:
-            call_in_loop(loop, _settle, done, exc)
-        else:
-            call_in_loop(loop, _settle, done, None)
-
-    threading.Thread(target=target, name=name, daemon=True).start()
-    await done
-
-
-async def _await(awaitable: Awaitable[object]) -> None:
-    await awaitable
-
-
-def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
 
 
 class Runtime:

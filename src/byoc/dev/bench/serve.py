@@ -6,7 +6,7 @@ real-time pace, and measures in the container:
 
 * output frames per second of every session (from ``/stream/status``) and the frames it dropped;
 * CPU milliseconds per output frame and resident memory of the container process (from /proc);
-* ``/health`` latency, polled at 20 Hz from a separate process (``byoc.bench.probe``).
+* ``/health`` latency, polled at 20 Hz from a separate process (``byoc.dev.bench.probe``).
 
 A step is real-time when every session delivers at least 95 % of the input frame rate and drops at
 most 1 % of its frames. It also reports the container's cold start (spawn to ``/health`` 200).
@@ -23,14 +23,14 @@ from dataclasses import asdict, dataclass, field
 
 import aiohttp
 
-from byoc.children import ByocProcess
-from byoc.media.synthetic import SyntheticStream, publish_live
-from byoc.stats import percentile
-from byoc.system import cpu_seconds, resident_bytes
+from byoc.dev.children import ByocProcess
+from byoc.dev.synthetic import SyntheticStream, publish_live
+from byoc.dev.trickle_server import RunningTrickle, serve_trickle
+from byoc.serve.system import cpu_seconds, resident_bytes
+from byoc.session.stats import percentile
 from byoc.trickle.client import TrickleClientSettings, create_client_session
 from byoc.trickle.protocol import channel_url
 from byoc.trickle.publisher import TricklePublisher
-from byoc.trickle.server import RunningTrickle, serve_trickle
 
 __all__ = ["ServeReport", "StepReport", "run_serve_bench"]
 
@@ -123,7 +123,7 @@ async def _step(
     probe = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "byoc.bench.probe",
+        "byoc.dev.bench.probe",
         str(container.port),
         str(seconds - warmup - 1),
         "20",

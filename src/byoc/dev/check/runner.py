@@ -28,8 +28,8 @@ from typing import Any, TextIO
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from byoc.check.analysis import histogram_quantile, leak_tolerance, memory_fit
-from byoc.check.model import (
+from byoc.dev.check.analysis import histogram_quantile, leak_tolerance, memory_fit
+from byoc.dev.check.model import (
     CheckResult,
     HealthSample,
     ItemResult,
@@ -37,10 +37,10 @@ from byoc.check.model import (
     SessionShutdown,
     StepResult,
 )
-from byoc.children import ByocProcess, free_port
-from byoc.gpu import GpuMonitor
-from byoc.stats import percentile
-from byoc.system import resident_bytes
+from byoc.dev.children import ByocProcess, free_port
+from byoc.serve.gpu import GpuMonitor
+from byoc.serve.system import resident_bytes
+from byoc.session.stats import percentile
 from byoc.trickle.client import TrickleClientSettings, create_client_session
 
 __all__ = ["CheckOptions", "run_check"]
@@ -613,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     from pathlib import Path
 
-    from byoc.check.report import terminal_lines, write_json, write_report
+    from byoc.dev.check.report import terminal_lines, write_json, write_report
 
     parser = argparse.ArgumentParser(
         prog="byoc check",

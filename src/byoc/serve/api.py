@@ -27,13 +27,13 @@ from aiohttp import web
 
 from byoc import __version__
 from byoc.errors import AdmissionRefused, InvalidRequest, ProcessorError, SessionExists, SessionNotFound
-from byoc.health import health_response
-from byoc.metrics import CONTENT_TYPE
-from byoc.requests import json_object, params_update, start_spec, stream_id_from_body
+from byoc.serve.health import health_response
+from byoc.serve.metrics import CONTENT_TYPE
+from byoc.serve.validation import json_object, params_update, start_spec, stream_id_from_body
 from byoc.spec import EndReason, StreamSpec
 
 if TYPE_CHECKING:
-    from byoc.runtime import Runtime
+    from byoc.serve.runtime import Runtime
 
 __all__ = ["ROUTES", "build_app"]
 
