@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from byoc.processor import Frame, Processor, SessionContext
+from byoc import Frame, Processor, SessionContext
 
 __all__ = ["SEPIA_MATRIX", "SepiaProcessor", "parse_strength"]
 
@@ -54,8 +54,6 @@ def parse_strength(value: Any) -> float:
 
 class SepiaProcessor(Processor):
     """Tones every frame sepia; ``strength`` blends between the original (0) and full sepia (1)."""
-
-    name = "sepia"
 
     def __init__(self, strength: str | float = 1.0) -> None:
         self.default_strength = parse_strength(strength)

@@ -20,7 +20,7 @@ from aiohttp import web
 from byoc.dev.synthetic import SyntheticStream, read_frame_index
 from byoc.dev.trickle_server import RunningTrickle
 from byoc.spec import StreamSpec
-from byoc.trickle.protocol import channel_url
+from byoc.trickle.layout import ROLES, Role, StreamChannels, role_of_field
 from byoc.trickle.publisher import TricklePublisher
 from byoc.trickle.subscriber import TrickleSubscriber
 from tests.conftest import TEST_CLIENT_SETTINGS
@@ -41,38 +41,136 @@ async def serve_app(app: web.Application) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
+# The Go struct's fields and JSON types (core.ExternalCapability): a wrong type fails the whole request.
+GO_CAPABILITY_FIELDS: dict[str, type] = {
+    "name": str,
+    "url": str,
+    "capacity": int,
+    "price_per_unit": int,
+    "price_scaling": int,
+    "currency": str,
+    "description": str,
+    "token": str,
+}
+
+
+class Recorded(tuple[str, str, bytes]):
+    """One request to :class:`FakeOrchestrator`: the tuple ``(path, Authorization header, body)``, with
+    every header of the request in ``headers``."""
+
+    headers: dict[str, str]
+
+    def __new__(cls, path: str, headers: dict[str, str], body: bytes) -> Self:
+        record = super().__new__(cls, (path, headers.get("Authorization", ""), body))
+        record.headers = headers
+        return record
+
+    @property
+    def path(self) -> str:
+        return self[0]
+
+    @property
+    def authorization(self) -> str:
+        return self[1]
+
+    @property
+    def body(self) -> bytes:
+        return self[2]
+
+
 class FakeOrchestrator:
-    """go-livepeer's /capability/register and /capability/unregister (protocol.md §1), recording calls:
-    (path, Authorization header, body). ``fail_next`` answers that many requests with 503 first."""
+    """go-livepeer's /capability/register and /capability/unregister handlers (docs/protocol.md §1).
+
+    It records every request, refuses a wrong secret with 400 ``invalid authorization``, refuses a
+    register body whose fields have the wrong JSON types (as Go's strict unmarshalling does), and keeps
+    what is registered by name. Faults, each for that many requests: ``fail_next`` answers 503 before
+    anything else is checked (a proxy in front, or an orchestrator not ready); ``echo_auth_next``
+    answers 503 quoting the Authorization header back (a misbehaving proxy); ``drop_next`` drops the
+    connection of a register with the right secret (like the handler panicking, P19).
+    ``drop_unregister`` drops every unregister; ``hang_unregister`` holds it until ``release`` is set.
+    """
 
     def __init__(self, secret: str = "secret") -> None:
         self.secret = secret
-        self.fail_next = 0
-        self.requests: list[tuple[str, str, bytes]] = []
         self.url = ""
+        self.requests: list[Recorded] = []
+        self.registered: dict[str, dict[str, Any]] = {}
+        self.fail_next = 0
+        self.echo_auth_next = 0
+        self.drop_next = 0
+        self.drop_unregister = False
+        self.hang_unregister = False
+        self.release = asyncio.Event()
         self._seen = asyncio.Condition()
 
     def app(self) -> web.Application:
         app = web.Application()
-        app.router.add_post("/capability/register", self.handle)
-        app.router.add_post("/capability/unregister", self.handle)
+        app.router.add_post("/capability/register", self.register)
+        app.router.add_post("/capability/unregister", self.unregister)
         return app
 
-    async def handle(self, request: web.Request) -> web.Response:
+    def registers(self) -> list[Recorded]:
+        return [r for r in self.requests if r.path == "/capability/register"]
+
+    async def wait_for(self, path: str, timeout: float = 10.0) -> Recorded:  # noqa: ASYNC109
+        """The first request to ``path``, once there is one."""
+        async with asyncio.timeout(timeout), self._seen:
+            await self._seen.wait_for(lambda: any(r.path == path for r in self.requests))
+        return next(r for r in self.requests if r.path == path)
+
+    async def _receive(self, request: web.Request) -> tuple[bytes, web.Response | None]:
+        """Record the request; the answer when a fault or the secret decides it, else None."""
         body = await request.read()
-        self.requests.append((request.path, request.headers.get("Authorization", ""), body))
+        self.requests.append(Recorded(request.path, dict(request.headers), body))
         async with self._seen:
             self._seen.notify_all()
         if self.fail_next > 0:
             self.fail_next -= 1
-            return web.Response(status=503, text="try later")
+            return body, web.Response(status=503, text="try later")
+        if self.echo_auth_next > 0:
+            self.echo_auth_next -= 1
+            quoted = request.headers.get("Authorization", "")
+            return body, web.Response(status=503, text=f"upstream rejected {quoted}")
         if request.headers.get("Authorization") != self.secret:
-            return web.Response(status=400, text="invalid authorization")
+            return body, web.Response(status=400, text="invalid authorization\n")
+        return body, None
+
+    @staticmethod
+    def _drop(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        request.transport.close()
+        raise web.HTTPServiceUnavailable()
+
+    async def register(self, request: web.Request) -> web.Response:
+        body, answer = await self._receive(request)
+        if answer is not None:
+            return answer
+        if self.drop_next > 0:
+            self.drop_next -= 1
+            return self._drop(request)
+        try:
+            data = json.loads(body)
+            if not isinstance(data, dict):
+                raise ValueError("body is not an object")
+            for key, kind in GO_CAPABILITY_FIELDS.items():
+                value = data.get(key, kind())
+                if type(value) is not kind:
+                    raise ValueError(f"cannot unmarshal {value!r} into field {key} of type {kind.__name__}")
+        except ValueError as exc:
+            return web.Response(status=400, text=f"Error registering capability: {exc}")
+        self.registered[data["name"]] = data
         return web.Response(text="ok", content_type="application/json")
 
-    async def wait_for(self, path: str, timeout: float = 10.0) -> None:  # noqa: ASYNC109
-        async with asyncio.timeout(timeout), self._seen:
-            await self._seen.wait_for(lambda: any(r[0] == path for r in self.requests))
+    async def unregister(self, request: web.Request) -> web.Response:
+        body, answer = await self._receive(request)
+        if answer is not None:
+            return answer
+        if self.drop_unregister:
+            return self._drop(request)
+        if self.hang_unregister:
+            await asyncio.wait_for(self.release.wait(), 5)
+        self.registered.pop(body.decode(), None)
+        return web.Response(text="ok", content_type="application/json")
 
 
 @dataclass(frozen=True)
@@ -147,36 +245,38 @@ class StreamHarness:
         self.server = trickle.server
         self.http = http
         self.name = name
-        self.channels = {
-            "subscribe": (name, "video/MP2T"),
-            "publish": (f"{name}-out", "video/MP2T"),
-            "control": (f"{name}-control", "application/json"),
-            "events": (f"{name}-events", "application/json"),
-        }
-        if data:
-            self.channels["data"] = (f"{name}-data", "application/jsonl")
-        for channel, mime in self.channels.values():
-            self.server.create_channel(channel, mime)
+        self.channels = StreamChannels(name, data=data)
+        for role, channel in self.channels.names().items():
+            self.server.create_channel(channel, self.channels.mime_type(role))
         self.output: list[OutputSegment] = []
         self.events: list[dict[str, Any]] = []
         self.data_lines: list[Any] = []
-        self.input = TricklePublisher(self.url("subscribe"), session=http, settings=TEST_CLIENT_SETTINGS)
+        self.input = TricklePublisher(self.url("input"), session=http, settings=TEST_CLIENT_SETTINGS)
         self.control = TricklePublisher(
-            self.url("control"), session=http, mime_type="application/json", settings=TEST_CLIENT_SETTINGS
+            self.url("control"),
+            session=http,
+            mime_type=self.channels.mime_type("control"),
+            settings=TEST_CLIENT_SETTINGS,
         )
         self._readers: list[asyncio.Task[None]] = []
 
     def url(self, role: str) -> str:
-        return channel_url(self.trickle.base_url, self.channels[role][0])
+        """A channel's URL by role (``"output"``), or by its start-body field (``"publish"``: publish_url)."""
+        known = next((candidate for candidate in ROLES if candidate == role), None)
+        return self.channels.url(self.trickle.base_url, known or role_of_field(f"{role}_url"))
+
+    def start_body(self, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What the orchestrator posts to the container's ``/stream/start`` for this stream."""
+        return self.channels.start_body(self.trickle.base_url, params)
 
     def spec(self, **overrides: Any) -> StreamSpec:
-        urls = {f"{role}_url": self.url(role) for role in self.channels}
+        urls = self.channels.container_urls(self.trickle.base_url)
         return StreamSpec(stream_id=self.name, **{**urls, **overrides})
 
     async def __aenter__(self) -> Self:
-        self._readers.append(asyncio.create_task(self._read("publish", self._on_output)))
+        self._readers.append(asyncio.create_task(self._read("output", self._on_output)))
         self._readers.append(asyncio.create_task(self._read("events", self._on_event)))
-        if "data" in self.channels:
+        if self.channels.data:
             self._readers.append(asyncio.create_task(self._read("data", self._on_data)))
         return self
 
@@ -198,7 +298,7 @@ class StreamHarness:
 
         return await publish_live(self.input, segments, realtime=realtime)
 
-    async def _read(self, role: str, handle: Any) -> None:
+    async def _read(self, role: Role, handle: Any) -> None:
         async with TrickleSubscriber(
             self.url(role), session=self.http, start_seq=0, settings=TEST_CLIENT_SETTINGS
         ) as sub:

@@ -10,14 +10,14 @@ import contextvars
 import logging
 import sys
 
-__all__ = ["configure_logging", "current_stream_id"]
+__all__ = ["StreamIdFilter", "configure_logging", "current_stream_id"]
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s [%(stream_id)s] %(message)s"
 
 current_stream_id: contextvars.ContextVar[str] = contextvars.ContextVar("stream_id", default="-")
 
 
-class _StreamIdFilter(logging.Filter):
+class StreamIdFilter(logging.Filter):
     """Adds the stream id of the current task or thread (``-`` outside sessions)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -29,7 +29,7 @@ class _StreamIdFilter(logging.Filter):
 def configure_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(_FORMAT))
-    handler.addFilter(_StreamIdFilter())
+    handler.addFilter(StreamIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -142,8 +142,6 @@ class SessionContext:
 class Processor:
     """Base class of processors. Override what you need; every hook may be ``async def``."""
 
-    name = "processor"
-
     def setup(self) -> Awaitable[None] | None:
         """Load weights and warm up, once. The container is not ready until this returns."""
         return None

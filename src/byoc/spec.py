@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from byoc.media.encoder import EncoderSettings
 from byoc.trickle.client import TrickleClientSettings
 
 __all__ = ["EndReason", "SessionSettings", "StreamSpec"]
@@ -44,9 +45,8 @@ class StreamSpec:
 
 @dataclass(frozen=True, slots=True)
 class SessionSettings:
-    segment_s: float = 1.0
-    preset: str = "superfast"
-    crf: int = 23
+    encoder: EncoderSettings = field(default_factory=EncoderSettings)
+    """How the output is encoded; each stream's own width and height replace the ones given here."""
     status_interval_s: float = 5.0
     drain_timeout_s: float = 6.0
     max_duration_s: float | None = None

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from byoc.dev.trickle_server import RunningTrickle
 from byoc.session.stats import percentile
+from tests.conftest import assert_every_frame_accounted, spare_cpu, speed_can_be_judged
 from tests.e2e.serve import ServeProcess
 from tests.support import StreamHarness, decode, make_segments
 
@@ -29,7 +30,7 @@ def segments() -> list[list[bytes]]:
 
 
 def start_body(h: StreamHarness, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What go-livepeer's orchestrator sends to /stream/start (protocol.md §2.3)."""
+    """What go-livepeer's orchestrator sends to /stream/start (docs/protocol.md §2.3)."""
     return {
         "gateway_request_id": h.name,
         "subscribe_url": h.url("subscribe"),
@@ -53,6 +54,15 @@ async def metrics(http: aiohttp.ClientSession, serve: ServeProcess) -> dict[str,
     return {family.name: family.samples for family in text_string_to_metric_families(text)}
 
 
+def assert_output_is_what_went_out(h: StreamHarness, statistics: dict[str, Any]) -> None:
+    """The published output decodes to exactly the frames the session counted out, in input order."""
+    frames, _ = decode(h.output_bytes())
+    indices = [f.index for f in frames if f.index is not None]
+    assert len(indices) == len(frames), f"{h.name}: an output frame is not a test picture"
+    assert indices == sorted(set(indices)), f"{h.name}: frames repeated or out of order: {indices}"
+    assert len(frames) == statistics["output"]["frames"], f"{h.name}: counted out but not published"
+
+
 async def sessions_settle_at(http: aiohttp.ClientSession, serve: ServeProcess, count: int) -> None:
     async with asyncio.timeout(5):
         while True:  # another process: polled over HTTP
@@ -60,6 +70,18 @@ async def sessions_settle_at(http: aiohttp.ClientSession, serve: ServeProcess, c
                 if (await response.json())["sessions"] == count:
                     return
             await asyncio.sleep(0.02)
+
+
+async def inputs_read(http: aiohttp.ClientSession, serve: ServeProcess, frames: dict[str, int]) -> None:
+    """Wait until each named session has decoded that many input frames."""
+    async with asyncio.timeout(30):
+        while True:  # another process: polled over HTTP
+            async with http.get(f"{serve.url}/stream/status") as response:
+                sessions = (await response.json())["sessions"]
+            read = {s["stream_id"]: s["input"]["frames"] for s in sessions}
+            if all(read.get(name, 0) >= count for name, count in frames.items()):
+                return
+            await asyncio.sleep(0.05)
 
 
 @pytest.fixture
@@ -115,10 +137,21 @@ async def test_four_sessions_admission_routing_and_metrics(
         assert first_four[0].events[-1]["event"]["reason"] == "stopped"
         for h in first_four[1:]:
             await h.input.close()
+        reached = 0
         for h in first_four:
             await h.readers_done()
-            frames, _ = decode(h.output_bytes())
-            assert [f.index for f in frames] == list(range(45)), f"{h.name} lost frames"
+            statistics = h.events[-1]["event"]["statistics"]
+            # s0 was stopped, so its input was cut; the others read their input to the end
+            reached += assert_every_frame_accounted(statistics, None if h is first_four[0] else 45)
+            assert_output_is_what_went_out(h, statistics)
+        totals = await metrics(http, serve)  # every session ended: the container's totals add up too
+        assert totals["byoc_frames_out"][0].value == sum(
+            h.events[-1]["event"]["statistics"]["output"]["frames"] for h in first_four
+        )
+        assert (
+            totals["byoc_frames_out"][0].value + sum(s.value for s in totals["byoc_frames_dropped"])
+            == reached
+        )
         serve.signal()
         assert await serve.wait_exit() == 0
 
@@ -138,6 +171,7 @@ async def test_health_answers_fast_while_processors_saturate_the_machine(
         "--max-sessions",
         "4",
     ]
+    spare = await asyncio.to_thread(spare_cpu)
     async with ServeProcess(*args) as serve:
         await serve.wait_ready(http)
         streams = harnesses[:4]
@@ -147,14 +181,26 @@ async def test_health_answers_fast_while_processors_saturate_the_machine(
         )
         await asyncio.gather(*(h.publish(segments) for h in streams))
         polled = json.loads((await poller.communicate())[0])
-        stats = (await metrics(http, serve))["byoc_process_latency_ms"]
+        found = await metrics(http, serve)
         serve.signal()
         assert await serve.wait_exit() == 0
+    spare = min(spare, await asyncio.to_thread(spare_cpu))
     latencies = sorted(polled["latencies_ms"])
-    assert len(latencies) >= 50
+    # behaviour, on any machine: every answer is 200 and fast enough for a probe
+    assert len(latencies) >= 5, "the probe got too few answers to judge"
     assert set(polled["statuses"]) == {200}
-    processed = next(s.value for s in stats if s.name == "byoc_process_latency_ms_count")
-    assert processed > 50  # the processors really were busy meanwhile (about 25 frames/s fit the GIL)
+    assert latencies[-1] < 1000, f"a /health answer took {latencies[-1]:.0f} ms under load: {latencies}"
+    processed = next(s.value for s in found["byoc_process_latency_ms"] if s.name.endswith("_count"))
+    dropped = sum(s.value for s in found["byoc_frames_dropped"])
+    # the processors really were saturated: about 25 frames/s fit the GIL, 120 frames/s came in
+    assert processed > 0
+    assert dropped > 0
+    # speed, where the machine has the spare CPU these figures assume (`byoc bench serve` measures it)
+    judged, reason = speed_can_be_judged(spare)
+    if not judged:
+        pytest.skip(reason)
+    assert len(latencies) >= 50
+    assert processed > 50
     p99 = percentile(latencies, 0.99)
     assert p99 is not None
     assert p99 < 100, f"/health p99 {p99:.1f} ms under load: {latencies}"
@@ -182,7 +228,12 @@ async def test_sigterm_drains_every_session_and_unregisters(
         await fake_orchestrator.wait_for("/capability/register")
         streams = harnesses[:4]
         assert await asyncio.gather(*(start(http, serve, h) for h in streams)) == [200] * 4
-        await asyncio.gather(*(h.publish(segments) for h in streams))
+        # two segments at real time, read in full; then the third at once and the signal with it, so
+        # that the drain finds frames in flight. A drain cuts the input: what a session has not read
+        # by then never reaches it, and everything that has must go out or be counted dropped.
+        await asyncio.gather(*(h.publish(segments[:2]) for h in streams))
+        await inputs_read(http, serve, {h.name: 30 for h in streams})
+        await asyncio.gather(*(h.publish(segments[2:], realtime=False) for h in streams))
         began = time.monotonic()
         serve.signal(signal.SIGTERM)
         code = await serve.wait_exit(timeout=15)
@@ -192,9 +243,12 @@ async def test_sigterm_drains_every_session_and_unregisters(
     assert code == 0, serve.log
     assert took < 8
     for h in streams:
-        frames, _ = decode(h.output_bytes())
-        assert [f.index for f in frames] == list(range(45)), f"{h.name}: the tail was lost"
         assert h.events[-1]["event"]["type"] == "stream_stopped"
+        statistics = h.events[-1]["event"]["statistics"]
+        # the tail: frames still in the pipeline at the signal go out (or are counted dropped), and
+        # the encoder's last segment is flushed and published whole
+        assert 30 <= assert_every_frame_accounted(statistics) <= 45
+        assert_output_is_what_went_out(h, statistics)
         assert h.events[-1]["event"]["reason"] == "shutdown"
         assert not h.server.has_channel(f"{h.name}-out")
         assert not h.server.has_channel(f"{h.name}-events")

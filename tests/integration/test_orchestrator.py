@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 
 from byoc.dev.orchestrator import Capability, LocalOrchestrator, OrchestratorSettings
+from byoc.trickle import StreamChannels
 from tests.support import serve_app
 
 SECRET = "s3cret"
@@ -110,27 +111,20 @@ async def test_start_update_stop_send_what_go_livepeer_sends(
         body = b'{"model_id": "my-model", "params": {"prompt": "a cat"}, "stream_id": "s1", "source": "none"}'
         status, answer = await post(http, f"{orch.base_url}/live-video-to-video", body)  # no Content-Type
         assert status == 200
-        assert answer["stream_id"] == "s1"
-        assert answer["subscribe_url"].endswith("/ai/trickle/s1-out")
+        channels, trickle = StreamChannels("s1"), f"{orch.base_url}/ai/trickle/"
+        assert answer == {"stream_id": "s1", **channels.gateway_urls(trickle)}  # the gateway's view
         _, headers, raw = await container.wait_for("/stream/start")
         start = json.loads(raw)
-        trickle = f"{orch.base_url}/ai/trickle/s1"
-        assert start == {
-            "gateway_request_id": "s1",
-            "control_url": trickle + "-control",
-            "events_url": trickle + "-events",
-            "subscribe_url": trickle,
-            "publish_url": trickle + "-out",
-            "params": {"prompt": "a cat"},
-        }
+        assert start == channels.start_body(trickle, {"prompt": "a cat"})  # the container's view
         assert headers["X-Stream-Id"] == "s1"
         assert headers["Content-Type"] == "application/json"
         assert headers["Authorization"] == "Bearer tok"
-        assert sorted(orch.trickle.channel_names()) == ["s1", "s1-control", "s1-events", "s1-out"]
+        assert sorted(orch.trickle.channel_names()) == sorted(channels.names().values())
         assert capability.load == 1
         # the control channel gets go-livepeer's keep-alive at once
-        await orch.trickle.wait_for_request(lambda r: r.method == "POST" and r.channel == "s1-control")
-        assert orch.trickle.segment_data("s1-control", 0) == b'{"keep": "alive"}'
+        control = channels.name("control")
+        await orch.trickle.wait_for_request(lambda r: r.method == "POST" and r.channel == control)
+        assert orch.trickle.segment_data(control, 0) == b'{"keep": "alive"}'
         # a capacity of 1 is full now
         status, answer = await post(http, f"{orch.base_url}/live-video-to-video", b'{"model_id": "my-model"}')
         assert status == 503
@@ -165,7 +159,10 @@ async def test_a_container_error_is_returned_and_everything_undone(
         )
         assert (status, answer) == (500, {"error": "refused by the container"})
         start = json.loads((await container.wait_for("/stream/start"))[2])
-        assert start["data_url"].endswith("-data")  # the data channel was asked for, and created
+        # the data channel was asked for, and created
+        assert start == StreamChannels(start["gateway_request_id"], data=True).start_body(
+            f"{orch.base_url}/ai/trickle/"
+        )
         assert orch.trickle.channel_names() == []  # ...and closed again, with all the others
         assert capability.load == 0
         assert orch.streams == {}

@@ -1,4 +1,4 @@
-"""Capability registration against a fake go-livepeer orchestrator over loopback HTTP (protocol.md §1)."""
+"""Capability registration against a fake go-livepeer orchestrator on loopback HTTP (docs/protocol.md §1)."""
 
 from __future__ import annotations
 
@@ -7,110 +7,20 @@ import json
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from byoc.errors import ByocError, ConfigError
 from byoc.serve.config import Settings
 from byoc.serve.registration import CapabilityInfo, Registrar
-from tests.support import serve_app
+from tests.support import FakeOrchestrator, serve_app
 
 SECRET = "orch-S3cret/+= with space"
 NAME = "my-filter"
 LOGGER = "byoc.serve.registration"
 Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
-
-# The Go struct's fields and JSON types (core.ExternalCapability): a wrong type fails the whole request.
-GO_FIELDS: dict[str, type] = {
-    "name": str,
-    "url": str,
-    "capacity": int,
-    "price_per_unit": int,
-    "price_scaling": int,
-    "currency": str,
-    "description": str,
-    "token": str,
-}
-
-
-@dataclass
-class Recorded:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-
-@dataclass
-class FakeOrchestrator:
-    """Behaves like go-livepeer's RegisterCapability / UnregisterCapability handlers."""
-
-    secret: str
-    url: str = ""
-    requests: list[Recorded] = field(default_factory=list)
-    registered: dict[str, dict[str, Any]] = field(default_factory=dict)
-    unavailable_next: int = 0  # registers answered 503
-    drop_next: int = 0  # registers whose connection is dropped (like O's handler panicking, P19)
-    echo_auth_next: int = 0  # 503s that quote the Authorization header back (a misbehaving proxy)
-    drop_unregister: bool = False
-    hang_unregister: bool = False
-    release: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def registers(self) -> list[Recorded]:
-        return [r for r in self.requests if r.path == "/capability/register"]
-
-    async def _record(self, request: web.Request) -> tuple[bytes, web.Response | None]:
-        body = await request.read()
-        self.requests.append(Recorded(request.path, dict(request.headers), body))
-        if request.headers.get("Authorization") != self.secret:
-            return body, web.Response(status=400, text="invalid authorization\n")
-        return body, None
-
-    @staticmethod
-    def _drop(request: web.Request) -> web.Response:
-        assert request.transport is not None
-        request.transport.close()
-        raise web.HTTPServiceUnavailable()
-
-    async def register(self, request: web.Request) -> web.Response:
-        body, refused = await self._record(request)
-        if refused is not None:
-            return refused
-        if self.drop_next:
-            self.drop_next -= 1
-            return self._drop(request)
-        if self.echo_auth_next:
-            self.echo_auth_next -= 1
-            return web.Response(status=503, text=f"upstream rejected {request.headers['Authorization']}")
-        if self.unavailable_next:
-            self.unavailable_next -= 1
-            return web.Response(status=503, text="busy")
-        try:
-            data = json.loads(body)
-            if not isinstance(data, dict):
-                raise ValueError("body is not an object")
-            for key, kind in GO_FIELDS.items():
-                value = data.get(key, kind())
-                if type(value) is not kind:
-                    raise ValueError(f"cannot unmarshal {value!r} into field {key} of type {kind.__name__}")
-        except ValueError as exc:
-            return web.Response(status=400, text=f"Error registering capability: {exc}")
-        self.registered[data["name"]] = data
-        return web.Response(text="ok", content_type="application/json")
-
-    async def unregister(self, request: web.Request) -> web.Response:
-        body, refused = await self._record(request)
-        if refused is not None:
-            return refused
-        if self.drop_unregister:
-            return self._drop(request)
-        if self.hang_unregister:
-            await asyncio.wait_for(self.release.wait(), 5)
-        self.registered.pop(body.decode(), None)
-        return web.Response(text="ok", content_type="application/json")
 
 
 class FakeSleep:
@@ -141,10 +51,7 @@ class FakeSleep:
 @pytest.fixture
 async def orch() -> AsyncIterator[FakeOrchestrator]:
     fake = FakeOrchestrator(SECRET)
-    app = web.Application()
-    app.router.add_post("/capability/register", fake.register)
-    app.router.add_post("/capability/unregister", fake.unregister)
-    async with serve_app(app) as url:
+    async with serve_app(fake.app()) as url:
         fake.url = url
         yield fake
         fake.release.set()
@@ -277,6 +184,24 @@ async def test_from_settings_registers_what_the_settings_say(
         Registrar.from_settings(client, Settings())
 
 
+async def test_a_bearer_token_is_registered_so_the_orchestrator_sends_it(
+    client: aiohttp.ClientSession, orch: FakeOrchestrator
+) -> None:
+    # go-livepeer adds "Authorization: Bearer <token>" to its calls only when the capability was
+    # registered with that token; without it every start would get byoc's 401 (docs/protocol.md §3.3).
+    settings = Settings(
+        orchestrator_url=orch.url,
+        orch_secret=SECRET,
+        capability_name="with-token",
+        capability_url="http://runner:9000",
+        token="stream-token-1",
+    )
+    reg = Registrar.from_settings(client, settings)
+    await reg.register_once()
+    assert orch.registered["with-token"]["token"] == "stream-token-1"
+    assert "stream-token-1" not in repr(reg.capability)
+
+
 # --- refusal ---------------------------------------------------------------------------------------
 
 
@@ -322,7 +247,7 @@ async def test_5xx_is_retried_with_growing_delays_and_rate_limited_warnings(
     client: aiohttp.ClientSession, orch: FakeOrchestrator, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger=LOGGER)
-    orch.unavailable_next = 11
+    orch.fail_next = 11
     sleep = FakeSleep()
     reg = registrar(client, orch, sleep=sleep, reregister_interval_s=0)
     await run_briefly(lambda: reg.run(lambda: True))
@@ -350,13 +275,14 @@ async def test_dropped_connections_are_retried(
     assert len(orch.registers()) == 3
     assert reg.state == "registered"
     [warning] = records(caplog, logging.WARNING)
-    assert "price feed" in warning.getMessage()  # the P19 hint for an exotic currency
+    assert "price feed" in warning.getMessage()  # the hint for an exotic currency
+    assert "P19" not in warning.getMessage()  # no internal note number in what the operator reads
 
 
 async def test_register_once_raises_a_retryable_byoc_error_on_5xx(
     client: aiohttp.ClientSession, orch: FakeOrchestrator
 ) -> None:
-    orch.unavailable_next = 1
+    orch.fail_next = 1
     reg = registrar(client, orch)
     with pytest.raises(ByocError, match="503") as caught:
         await reg.register_once()
@@ -406,12 +332,12 @@ async def test_reregistration_retries_stop_when_a_session_starts(
     task = spawn(reg.run(lambda: next(answers, False)))
     assert await sleep.next_call() == 30.0
 
-    orch.unavailable_next = 5
+    orch.fail_next = 5
     sleep.release()
     assert await sleep.next_call() == 0.5
     assert await sleep.next_call() == 30.0
     assert len(orch.registers()) == 2
-    assert orch.unavailable_next == 4
+    assert orch.fail_next == 4
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -478,7 +404,7 @@ async def test_secret_never_appears_in_logs_errors_or_reprs(
     client: aiohttp.ClientSession, orch: FakeOrchestrator, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    orch.unavailable_next, orch.drop_next, orch.echo_auth_next = 1, 1, 1
+    orch.fail_next, orch.drop_next, orch.echo_auth_next = 1, 1, 1
     sleep = FakeSleep()
     reg = registrar(client, orch, sleep=sleep, reregister_interval_s=0)
     await run_briefly(lambda: reg.run(lambda: True))

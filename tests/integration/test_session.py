@@ -15,9 +15,11 @@ import pytest
 from byoc.builtin.passthrough import PassthroughProcessor
 from byoc.dev.synthetic import pattern
 from byoc.dev.trickle_server import RunningTrickle
+from byoc.media.encoder import EncoderSettings
 from byoc.processor import load_processor
 from byoc.session import Session
 from byoc.spec import EndReason, SessionSettings
+from byoc.trickle import StreamChannels
 from tests.conftest import TEST_CLIENT_SETTINGS
 from tests.processors import Failing, Hanging, Recording
 from tests.support import (
@@ -45,7 +47,7 @@ def _threads_of(stream_id: str) -> list[str]:
 def _session_tasks(stream_id: str) -> list[str]:
     """Tasks the session created (its own, and its trickle clients') that are still alive."""
     mine = (f"{stream_id}:", "trickle-preconnect", "trickle-post")
-    channels = (f"/{stream_id} ", f"/{stream_id}-out ", f"/{stream_id}-events ", f"/{stream_id}-control ")
+    channels = tuple(f"/{name} " for name in StreamChannels(stream_id).names().values())
     return [
         t.get_name()
         for t in asyncio.all_tasks()
@@ -132,22 +134,25 @@ async def test_slow_processor_drops_frames_but_stays_live(
     segments = make_segments(6, frames=15)  # 0.5 s segments
     processor = load_processor("load", {"ms": "60"})  # twice the 33 ms frame interval
     processor.setup()
-    settings = SessionSettings(trickle=TEST_CLIENT_SETTINGS, segment_s=0.5)
+    settings = SessionSettings(trickle=TEST_CLIENT_SETTINGS, encoder=EncoderSettings(segment_s=0.5))
     async with StreamHarness(trickle, http) as h:
         run = await _run(Session(h.spec(), processor, http, settings))
         input_ends = await h.publish(segments)
         await h.input.close()
         await asyncio.wait_for(run, 10)
         await h.readers_done()
+    # A pipeline that queued every frame would fall 90 x 27 ms = 2.4 s further behind by the last
+    # segment; one that drops the frames it cannot take stays within a frame or two of live.
     delays = [out.ended_at - end for out, end in zip(h.output, input_ends, strict=False)]
     assert len(delays) >= 5
-    assert max(delays) < 0.6  # each output segment follows its input segment closely...
-    assert delays[-1] - delays[1] < 0.25  # ...and the delay does not grow
+    assert delays[-1] - delays[1] < 1.0
     frames, _ = decode(h.output_bytes())
     indices = [f.index for f in frames if f.index is not None]
     assert indices == sorted(indices)
-    assert 30 <= len(frames) < 80  # about half of the 90 frames made it
     stats = h.events[-1]["event"]["statistics"]
+    assert stats["input"]["frames"] == 90
+    assert stats["output"]["frames"] == len(frames) < 90
+    assert stats["output"]["frames"] + sum(stats["dropped"].values()) == 90  # every frame accounted for
     assert stats["dropped"]["decode_queue"] > 0
 
 
@@ -245,9 +250,9 @@ async def test_every_end_condition_cleans_up(
 ) -> None:
     async with StreamHarness(trickle, http) as h:
         overrides = {
-            "input_404": {"subscribe_url": h.url("subscribe") + "-missing"},
+            "input_404": {"subscribe_url": h.url("input") + "-missing"},
             "control_404": {"control_url": h.url("control") + "-missing"},
-            "output_404": {"publish_url": h.url("publish") + "-missing"},
+            "output_404": {"publish_url": h.url("output") + "-missing"},
         }.get(case, {})
         processor = Failing() if case == "processor_error" else PassthroughProcessor()
         settings = SessionSettings(
@@ -260,21 +265,22 @@ async def test_every_end_condition_cleans_up(
         session = Session(h.spec(**overrides), processor, http, settings)
         run = asyncio.create_task(session.run())
         feeding = asyncio.create_task(h.publish(three_segments))
+        output, control, events = (h.channels.name(role) for role in ("output", "control", "events"))
         if case == "stop":
-            await h.server.wait_for_request(lambda r: r.method == "POST" and r.channel == "s1-out")
+            await h.server.wait_for_request(lambda r: r.method == "POST" and r.channel == output)
             session.stop()
         elif case == "input_eos":
             await feeding
             await h.input.close()
         elif case == "control_eos":
-            await h.server.wait_for_request(lambda r: r.method == "GET" and r.channel == "s1-control")
-            h.server.close_channel("s1-control")
+            await h.server.wait_for_request(lambda r: r.method == "GET" and r.channel == control)
+            h.server.close_channel(control)
         reason = await asyncio.wait_for(run, 10)
         feeding.cancel()
         await asyncio.gather(feeding, return_exceptions=True)
-        published = ["s1-events"] if case == "output_404" else ["s1-events", "s1-out"]
+        published = [events] if case == "output_404" else [events, output]
         deleted = [channel for channel in published if not h.server.has_channel(channel)]
-        h.server.close_channel("s1-out")  # (when the session published elsewhere)
+        h.server.close_channel(output)  # (when the session published elsewhere)
         await h.readers_done()
     assert reason == expected
     assert h.events[-1]["event"]["type"] == "stream_stopped"
@@ -300,7 +306,7 @@ async def test_hung_processor_cannot_block_the_end(
             await h.readers_done()
         assert "drain timed out" in (session.statistics().last_error or "")
         assert h.events[-1]["event"]["type"] == "stream_stopped"
-        assert not h.server.has_channel("s1-out")
+        assert not h.server.has_channel(h.channels.name("output"))
     finally:
         processor.release.set()
 
@@ -338,3 +344,29 @@ async def test_max_fps_caps_the_output_rate(trickle: RunningTrickle, http: aioht
     frames, _ = decode(h.output_bytes())
     assert [f.index for f in frames] == list(range(0, 30, 2))  # every other frame of 30 fps
     assert session.statistics().dropped["rate_cap"] == 15
+
+
+async def test_trickle_recoveries_are_counted_not_errors(
+    trickle: RunningTrickle, http: aiohttp.ClientSession
+) -> None:
+    async with StreamHarness(trickle, http) as h:
+        faults = h.server.faults
+        faults.fail_next(2, status=503, method="GET", channel="s1")  # input GETs refused, then retried
+        faults.cut_get("s1", after_bytes=5000)  # one input segment body breaks off and is read again
+        faults.cut_post("s1-out", after_bytes=1000)  # one output segment breaks off; the next goes on
+        session = Session(h.spec(), PassthroughProcessor(), http, SETTINGS)
+        run = await _run(session)
+        await h.publish(make_segments(3, frames=15))
+        await h.input.close()
+        assert await asyncio.wait_for(run, 10) == EndReason.INPUT_ENDED
+        await h.readers_done()
+    assert faults.pending() == 0
+    counts = {"retries": 2, "restarts": 1, "broken_segments": 1}
+    stats = session.statistics()
+    assert stats.as_dict()["trickle"] == counts
+    assert "trickle" not in stats.errors  # recovered from: not an error
+    assert stats.frames_in == 45  # the restarted input segment lost nothing
+    assert h.events[-1]["event"]["statistics"]["trickle"] == counts
+    status = [e["event"] for e in h.events if e["event"]["type"] == "status"]
+    assert status
+    assert set(status[0]["trickle"]) == set(counts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -15,6 +16,7 @@ import pytest
 from byoc.dev.trickle_server import RequestRecord, RunningTrickle, serve_trickle
 from byoc.errors import ChannelGone, DataLineTooLong, RetriesExhausted
 from byoc.trickle.channels import ControlReader, DataWriter, EventsWriter
+from byoc.trickle.layout import Role, StreamChannels
 from byoc.trickle.protocol import SEQ_CURRENT, SEQ_NEXT, channel_url
 from byoc.trickle.publisher import TricklePublisher
 from byoc.trickle.subscriber import TrickleSubscriber
@@ -23,9 +25,17 @@ from tests.conftest import TEST_CLIENT_SETTINGS
 S = TEST_CLIENT_SETTINGS
 
 
+STREAM = StreamChannels("stream", data=True)
+
+
 def _channel(trickle: RunningTrickle, name: str = "stream", mime: str = "video/MP2T") -> str:
     trickle.server.create_channel(name, mime)
     return channel_url(trickle.base_url, name)
+
+
+def _stream_channel(trickle: RunningTrickle, role: Role) -> str:
+    """One of the stream's channels, created as the orchestrator creates it."""
+    return _channel(trickle, STREAM.name(role), STREAM.mime_type(role))
 
 
 async def _publish(publisher: TricklePublisher, *payloads: bytes) -> None:
@@ -304,6 +314,67 @@ async def test_broken_body_is_read_again_and_resumed(
     await publisher.close()
 
 
+async def test_a_read_again_is_retried_like_any_get(
+    trickle: RunningTrickle, http: aiohttp.ClientSession
+) -> None:
+    url = _channel(trickle)
+    payload = bytes(range(256)) * 400
+    publisher = TricklePublisher(url, session=http, settings=S)
+    await publisher.write_segment(payload)
+    trickle.server.faults.cut_get("stream", after_bytes=30_000)
+    async with TrickleSubscriber(url, session=http, start_seq=0, settings=S) as sub:
+        segment = await sub.next_segment()
+        assert segment is not None
+        # the next seq is pre-connected: once that GET is in, the next two GETs are the re-reads of seq 0
+        await trickle.server.wait_for_request(lambda r: (r.method, r.seq) == ("GET", "1"))
+        trickle.server.faults.fail_next(2, status=503, method="GET", channel="stream")
+        data = await segment.read()
+        assert sub.statistics().retries == 2
+    assert data == payload
+    assert (segment.restarts, segment.complete) == (1, True)
+    gets = [r.status for r in trickle.server.requests if (r.method, r.seq) == ("GET", "0")]
+    assert gets == [200, 503, 503, 200]
+    await publisher.close()
+
+
+async def test_a_segment_evicted_before_it_is_read_again_is_given_up(
+    trickle: RunningTrickle, http: aiohttp.ClientSession
+) -> None:
+    url = _channel(trickle)
+    payload = bytes(range(256)) * 400
+    publisher = TricklePublisher(url, session=http, settings=S)
+    await publisher.write_segment(payload)
+    trickle.server.faults.cut_get("stream", after_bytes=30_000)
+    async with TrickleSubscriber(url, session=http, start_seq=0, settings=S) as sub:
+        segment = await sub.next_segment()
+        assert segment is not None
+        received = b""
+        async for chunk in segment:
+            if not received:  # the server keeps sending what it has, up to the cut
+                assert trickle.server.faults.evict("stream", 0)
+            received += chunk
+        assert (segment.complete, segment.restarts) == (False, 0)
+        assert payload.startswith(received)
+        assert len(received) < len(payload)
+        await publisher.write_segment(b"next")
+        following = await sub.next_segment()  # the subscriber carries on at the live edge
+        assert following is not None
+        assert (following.seq, await following.read()) == (1, b"next")
+        assert (sub.statistics().jumps, sub.statistics().retries) == (1, 0)
+    await publisher.close()
+
+
+async def test_subscriber_retries_a_refused_connection_then_gives_up(http: aiohttp.ClientSession) -> None:
+    with socket.socket() as sock:  # a port that is bound but never listens: connections are refused
+        sock.bind(("127.0.0.1", 0))
+        url = channel_url(f"http://127.0.0.1:{sock.getsockname()[1]}/ai/trickle/", "stream")
+        async with TrickleSubscriber(url, session=http, settings=S) as sub:
+            with pytest.raises(RetriesExhausted, match="GET seq -2"):
+                await sub.next_segment()
+            assert sub.statistics().retries == S.retry.max_retries
+            assert sub.ended
+
+
 async def test_reset_releases_readers_waiting_on_older_segments(
     trickle: RunningTrickle, http: aiohttp.ClientSession
 ) -> None:
@@ -354,9 +425,9 @@ async def test_publisher_resumes_a_live_channel(trickle: RunningTrickle, http: a
 async def test_control_reader_skips_keepalives_and_reads_whole_messages(
     trickle: RunningTrickle, http: aiohttp.ClientSession
 ) -> None:
-    url = _channel(trickle, "stream-control", "application/json")
+    url = _stream_channel(trickle, "control")
     big = {"prompt": "x" * 100_000, "strength": 0.5}
-    publisher = TricklePublisher(url, session=http, mime_type="application/json", settings=S)
+    publisher = TricklePublisher(url, session=http, mime_type=STREAM.mime_type("control"), settings=S)
     async with TrickleSubscriber(url, session=http, start_seq=0, settings=S) as sub:
         control = ControlReader(sub)
         reader = asyncio.create_task(_collect(control))
@@ -376,11 +447,14 @@ async def _collect(control: ControlReader) -> list[dict[str, Any]]:
 async def test_events_are_wrapped_one_per_segment(
     trickle: RunningTrickle, http: aiohttp.ClientSession
 ) -> None:
-    url = _channel(trickle, "stream-events", "application/json")
-    events = EventsWriter(TricklePublisher(url, session=http, mime_type="application/json", settings=S))
+    url = _stream_channel(trickle, "events")
+    events = EventsWriter(
+        TricklePublisher(url, session=http, mime_type=STREAM.mime_type("events"), settings=S)
+    )
     await events.send({"type": "status", "state": "ONLINE"})
     await events.send({"type": "custom", "timestamp": 5}, queue_event_type="custom_monitoring_event")
-    documents = [json.loads(trickle.server.segment_data("stream-events", seq) or b"") for seq in (0, 1)]
+    name = STREAM.name("events")
+    documents = [json.loads(trickle.server.segment_data(name, seq) or b"") for seq in (0, 1)]
     await events.close()
     assert documents[0]["queue_event_type"] == "ai_stream_status"
     assert documents[0]["event"]["state"] == "ONLINE"
@@ -392,13 +466,13 @@ async def test_events_are_wrapped_one_per_segment(
 
 
 async def test_data_lines_of_64_kib_are_refused(trickle: RunningTrickle, http: aiohttp.ClientSession) -> None:
-    url = _channel(trickle, "stream-data", "application/jsonl")
-    data = DataWriter(TricklePublisher(url, session=http, mime_type="application/jsonl", settings=S))
+    url, name = _stream_channel(trickle, "data"), STREAM.name("data")
+    data = DataWriter(TricklePublisher(url, session=http, mime_type=STREAM.mime_type("data"), settings=S))
     await data.write({"n": 1}, {"n": 2})
     with pytest.raises(DataLineTooLong, match="65536"):
         await data.write({"n": 3}, {"blob": "x" * 70_000})
-    assert trickle.server.segment_data("stream-data", 0) == b'{"n":1}\n{"n":2}\n'
-    assert trickle.server.segment_data("stream-data", 1) in (None, b"")  # nothing of the refused batch
+    assert trickle.server.segment_data(name, 0) == b'{"n":1}\n{"n":2}\n'
+    assert trickle.server.segment_data(name, 1) in (None, b"")  # nothing of the refused batch
     await data.close()
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from byoc.errors import ConfigError
-from byoc.serve.config import Settings, build_parser, settings_from
+from byoc.media.encoder import EncoderSettings
+from byoc.serve.config import DrainBudget, Settings, build_parser, settings_from
 
 
 def test_help_documents_every_setting_with_its_environment_variable() -> None:
@@ -73,3 +74,23 @@ def test_secrets_stay_out_of_repr_and_can_come_from_a_file(tmp_path: Path) -> No
 def test_advertised_url_has_no_trailing_slash() -> None:
     assert Settings(capability_url="http://c:8000/").advertised_url() == "http://c:8000"
     assert Settings(port=8123).advertised_url() == "http://localhost:8123"
+
+
+def test_media_defaults_live_in_the_encoder_settings() -> None:
+    assert Settings().encoder() == EncoderSettings()
+    session = Settings(segment_s=0.5, preset="veryfast", crf=30).session()
+    assert session.encoder == EncoderSettings(segment_s=0.5, preset="veryfast", crf=30)
+
+
+@pytest.mark.parametrize(
+    ("total", "unregister", "session"), [(8.0, 2.0, 6.0), (4.0, 1.0, 2.0), (2.0, 0.5, 1.0)]
+)
+def test_one_drain_budget_splits_the_drain_timeout(total: float, unregister: float, session: float) -> None:
+    settings = Settings(drain_timeout_s=total)
+    budget = settings.drain_budget()
+    assert (budget.total_s, budget.unregister_s, budget.session_s) == (total, unregister, session)
+    assert settings.session().drain_timeout_s == budget.session_s  # each session drains within its share
+    assert budget.unregister_s + budget.session_s <= total
+    # the runtime waits for the sessions, cancels, then tears down, each a little before the deadline
+    assert budget.sessions_wait_s(3.0) < budget.cancel_wait_s(3.0) < budget.teardown_wait_s(3.0) < 3.0
+    assert DrainBudget.from_total(total) == budget

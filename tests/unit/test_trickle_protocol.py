@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from byoc.trickle.layout import ROLES, StreamChannels, role_of_field
 from byoc.trickle.protocol import (
     CLOSED_HEADER,
     LATEST_HEADER,
@@ -138,3 +139,56 @@ def test_retry_policy(
     state: RetryState, now: float, expected_state: RetryState, expected_delay: float | None
 ) -> None:
     assert POLICY.after_failure(state, now) == (expected_state, expected_delay)
+
+
+# --- the channels of one stream (go-livepeer's byoc/stream_orchestrator.go, docs/protocol.md §2.2) ----
+
+
+def test_stream_channels_are_named_and_typed_as_go_livepeer_creates_them() -> None:
+    channels = StreamChannels("cam1-3f9a")
+    assert channels.roles == ("input", "output", "control", "events")  # no data unless asked for
+    assert channels.names() == {
+        "input": "cam1-3f9a",
+        "output": "cam1-3f9a-out",
+        "control": "cam1-3f9a-control",
+        "events": "cam1-3f9a-events",
+    }
+    assert [channels.mime_type(role) for role in ROLES] == [
+        "video/MP2T",
+        "video/MP2T",
+        "application/json",
+        "application/json",
+        "application/jsonl",
+    ]
+    with pytest.raises(KeyError, match="no data channel"):
+        channels.name("data")
+    assert StreamChannels("cam1-3f9a", data=True).names()["data"] == "cam1-3f9a-data"
+
+
+def test_the_container_and_the_gateway_see_input_and_output_from_opposite_ends() -> None:
+    base = "https://o:8935/ai/trickle/"
+    channels = StreamChannels("s1", data=True)
+    assert channels.start_body(base, {"prompt": "a cat"}) == {
+        "gateway_request_id": "s1",
+        "subscribe_url": "https://o:8935/ai/trickle/s1",  # the container reads the input
+        "publish_url": "https://o:8935/ai/trickle/s1-out",  # ...and writes the output
+        "control_url": "https://o:8935/ai/trickle/s1-control",
+        "events_url": "https://o:8935/ai/trickle/s1-events",
+        "data_url": "https://o:8935/ai/trickle/s1-data",
+        "params": {"prompt": "a cat"},
+    }
+    assert channels.gateway_urls(base) == {
+        "publish_url": "https://o:8935/ai/trickle/s1",  # the gateway writes the input
+        "subscribe_url": "https://o:8935/ai/trickle/s1-out",  # ...and reads the output
+        "control_url": "https://o:8935/ai/trickle/s1-control",
+        "events_url": "https://o:8935/ai/trickle/s1-events",
+        "data_url": "https://o:8935/ai/trickle/s1-data",
+    }
+    assert "data_url" not in StreamChannels("s1").container_urls(base)  # absent, not empty
+    assert [role_of_field(f) for f in ("subscribe_url", "publish_url", "data_url")] == [
+        "input",
+        "output",
+        "data",
+    ]
+    with pytest.raises(KeyError):
+        role_of_field("stream_url")

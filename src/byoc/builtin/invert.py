@@ -10,8 +10,6 @@ __all__ = ["InvertProcessor"]
 
 
 class InvertProcessor(Processor):
-    name = "invert"
-
     def process(self, frame: Frame, session: SessionContext) -> np.ndarray:
         inverted: np.ndarray = np.bitwise_not(frame.rgb)  # 255 - value for uint8
         return inverted

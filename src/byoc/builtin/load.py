@@ -49,8 +49,6 @@ def _cuda_available() -> bool:
 class LoadProcessor(Processor):
     """Burns CPU per frame (holding the GIL) and holds memory per session."""
 
-    name = "load"
-
     def __init__(self, ms: float | str = 10.0, memory_mb: float | str = 0.0, device: str = "auto") -> None:
         self.ms = float(ms)
         self.memory_bytes = int(float(memory_mb) * _MIB)

@@ -8,7 +8,5 @@ __all__ = ["PassthroughProcessor"]
 
 
 class PassthroughProcessor(Processor):
-    name = "passthrough"
-
     def process(self, frame: Frame, session: SessionContext) -> Frame:
         return frame

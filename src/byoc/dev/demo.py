@@ -173,7 +173,7 @@ async def run_demo(
         await container.wait_healthy(http)
         await container.wait_for_log("registered")
         began = time.monotonic()
-        ids = []
+        ids, outputs = [], []
         for _ in range(streams):
             body = (
                 f'{{"model_id": "{_MODEL}", "duration_s": {duration_s + 30}}}'.encode()
@@ -182,9 +182,9 @@ async def run_demo(
             if status != 200:
                 raise RuntimeError(f"could not start a stream: {status} {answer}")
             ids.append(answer["stream_id"])
+            outputs.append(answer["subscribe_url"])  # the gateway's view: it subscribes to the output
             print(f"started {answer['stream_id']}", file=out)
-        first = ids[0]
-        recorder = asyncio.create_task(_record(http, f"{orchestrator.url}/ai/trickle/{first}-out", output))
+        recorder = asyncio.create_task(_record(http, outputs[0], output))
         stop_at = began + duration_s
         interrupted = asyncio.Event()
         health: dict[str, Any] = {}

@@ -1,4 +1,4 @@
-"""Loopback demo of the trickle protocol: ``python -m byoc.trickle``.
+"""Loopback demo of the trickle protocol: ``python -m byoc.dev.trickle_demo``.
 
 Starts a trickle server on loopback, publishes a few segments (each streamed in chunks), subscribes to
 them from the live edge, and prints what happened on both sides.

@@ -51,10 +51,7 @@ class DecoderStatistics:
     """Dropped by the frame-rate cap."""
     frames_rejected: int
     """Dropped because their timestamp was missing or went backwards."""
-    audio_frames: int
-    decode_errors: int
     has_audio: bool
-    input_size: tuple[int, int] | None
 
 
 def _is_flush_leftover(packet: av.Packet[Any]) -> bool:
@@ -229,9 +226,8 @@ class Decoder(Stage):
         self._timestamps = _Timestamps()
         self._last_kept_pts: int | None = None
         self._bytes_in = self._segments_in = 0
-        self._decoded = self._capped = self._rejected = self._audio_frames = self._errors = 0
+        self._decoded = self._capped = self._rejected = 0
         self._has_audio = False
-        self._input_size: tuple[int, int] | None = None
 
     # --- called from the event loop -------------------------------------------------------------
 
@@ -257,20 +253,13 @@ class Decoder(Stage):
             self._decoded,
             self._capped,
             self._rejected,
-            self._audio_frames,
-            self._errors,
             self._has_audio,
-            self._input_size,
         )
 
     # --- the decoder thread ---------------------------------------------------------------------
 
     def _boundary(self, segment: int) -> None:
         self._output.put(Boundary(segment), droppable=False)
-
-    def _error(self, kind: str) -> None:
-        self._errors += 1
-        self._on_error(kind)
 
     def _run(self) -> None:
         try:
@@ -309,7 +298,7 @@ class Decoder(Stage):
                     return
                 except av.error.FFmpegError as exc:
                     demux_errors += 1
-                    self._error("decode")
+                    self._on_error("decode")
                     log.info("demuxer error %d, continuing: %s", demux_errors, exc)
                     if demux_errors > _MAX_DEMUX_ERRORS:
                         raise MediaError(f"too many demuxer errors, last: {exc}") from exc
@@ -327,14 +316,13 @@ class Decoder(Stage):
         try:
             frames: list[object] = [*packet.decode()]
         except av.error.FFmpegError as exc:
-            self._error("decode")
+            self._on_error("decode")
             log.debug("damaged %s packet: %s", packet.stream.type, exc)
             return
         for frame in frames:
             if isinstance(frame, av.VideoFrame):
                 self._video(frame)
             elif isinstance(frame, av.AudioFrame):
-                self._audio_frames += 1
                 self._output.put(AudioItem(frame), droppable=False)
 
     def _video(self, frame: av.VideoFrame) -> None:
@@ -353,7 +341,6 @@ class Decoder(Stage):
             self._capped += 1
             return
         self._last_kept_pts = pts
-        self._input_size = (frame.width, frame.height)
         fitted = self._fitter.fit(frame)
         fitted.pts, fitted.time_base = pts, TIME_BASE
         index = self._decoded

@@ -28,7 +28,14 @@ from byoc.media.items import TIME_BASE, AudioItem, Boundary, InputInfo, Item, Vi
 from byoc.media.queues import Closed, StageQueue
 from byoc.media.stage import Stage
 
-__all__ = ["MAX_SEGMENT_S", "Encoder", "EncoderSettings", "EncoderStatistics", "OutputSink", "x264_options"]
+__all__ = [
+    "MAX_SEGMENT_S",
+    "Encoder",
+    "EncoderSettings",
+    "EncoderStatistics",
+    "OutputSink",
+    "open_video_encoder",
+]
 
 log = logging.getLogger(__name__)
 
@@ -76,23 +83,28 @@ class EncoderSettings:
 
 @dataclass(frozen=True, slots=True)
 class EncoderStatistics:
-    frames_in: int
     frames_out: int
-    audio_frames_out: int
     segments_out: int
     bytes_out: int
-    errors: int
 
 
-def x264_options(settings: EncoderSettings) -> dict[str, str]:
-    """libx264 options for live segments: zero latency, no B-frames, IDRs only where forced."""
-    return {
+def open_video_encoder(settings: EncoderSettings) -> av.VideoCodecContext:
+    """An open libx264 context for live segments: one thread, zero latency, no B-frames, and IDRs only
+    where a frame asks for one (the start of each segment)."""
+    encoder = av.CodecContext.create("libx264", "w")
+    assert isinstance(encoder, av.VideoCodecContext)
+    encoder.width, encoder.height, encoder.pix_fmt = settings.width, settings.height, "yuv420p"
+    encoder.time_base, encoder.framerate = TIME_BASE, Fraction(settings.fps, 1)
+    encoder.thread_count = 1
+    encoder.options = {
         "preset": settings.preset,
         "tune": "zerolatency",
         "crf": str(settings.crf),
         "forced-idr": "1",
         "x264-params": "bframes=0:keyint=infinite:scenecut=0",
     }
+    encoder.open()
+    return encoder
 
 
 def _ends_before(frame: av.AudioFrame, pts: int) -> bool:
@@ -154,12 +166,10 @@ class Encoder(Stage):
         self._last_pts: int | None = None
         self._step = 3000
         self._consecutive_errors = 0
-        self._frames_in = self._frames_out = self._audio_out = self._segments = self._bytes = self._errors = 0
+        self._frames_out = self._segments = self._bytes = 0
 
     def statistics(self) -> EncoderStatistics:
-        return EncoderStatistics(
-            self._frames_in, self._frames_out, self._audio_out, self._segments, self._bytes, self._errors
-        )
+        return EncoderStatistics(self._frames_out, self._segments, self._bytes)
 
     # --- the encoder thread ---------------------------------------------------------------------
 
@@ -192,7 +202,6 @@ class Encoder(Stage):
         self._bytes += size
 
     def _error(self, exc: Exception) -> None:
-        self._errors += 1
         self._consecutive_errors += 1
         self._on_error("encode")
         log.warning("encoding failed: %s", exc)
@@ -226,15 +235,7 @@ class Encoder(Stage):
 
     def _video_encoder(self) -> av.VideoCodecContext:
         if self._video is None:
-            s = self.settings
-            encoder = av.CodecContext.create("libx264", "w")
-            assert isinstance(encoder, av.VideoCodecContext)
-            encoder.width, encoder.height, encoder.pix_fmt = s.width, s.height, "yuv420p"
-            encoder.time_base, encoder.framerate = TIME_BASE, Fraction(s.fps, 1)
-            encoder.thread_count = 1
-            encoder.options = x264_options(s)
-            encoder.open()
-            self._video = encoder
+            self._video = open_video_encoder(self.settings)
         if self._want_audio and self._audio is None:
             self._audio = self._audio_encoder()
         return self._video
@@ -249,7 +250,6 @@ class Encoder(Stage):
         return encoder
 
     def _encode_video(self, item: VideoItem) -> None:
-        self._frames_in += 1
         encoder = self._video_encoder()
         frame = item.frame
         s = self.settings
@@ -305,7 +305,6 @@ class Encoder(Stage):
         for packet in packets:
             packet.stream = self._audio_stream
             self._container.mux(packet)
-            self._audio_out += 1
 
     def _input_segment_ended(self) -> None:
         if self._container is None or self._last_pts is None:

@@ -14,38 +14,99 @@ GET    /version                version, processor, capability
 Errors are JSON ``{"error": ..., "field"?: ...}``: 400 for malformed input, 401 only for a wrong bearer
 token (go-livepeer deletes the capability on a 401), 404 for params to an unknown stream, 409 for a
 start of a running stream, 413 for oversized bodies, 503 with ``Retry-After`` when a start is refused.
+
+Thread ownership (docs/architecture.md): the handlers run on the API thread, and sessions and the
+session manager are mutated only on the runtime's main loop. So the API sees the runtime only through
+:class:`Control`: commands (start, params, stop) are handed over to the main loop by its implementation
+(byoc.serve.control.RuntimeControl, the one place that makes that hop), and reads (status, health,
+metrics) are snapshots that never wait for the main loop. This module does not import the runtime.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from byoc import __version__
 from byoc.errors import AdmissionRefused, InvalidRequest, ProcessorError, SessionExists, SessionNotFound
-from byoc.serve.health import health_response
+from byoc.serve.health import HealthView, health_response
 from byoc.serve.metrics import CONTENT_TYPE
 from byoc.serve.validation import json_object, params_update, start_spec, stream_id_from_body
-from byoc.spec import EndReason, StreamSpec
+from byoc.session.stats import SessionStatistics
+from byoc.spec import StreamSpec
 
-if TYPE_CHECKING:
-    from byoc.serve.runtime import Runtime
-
-__all__ = ["ROUTES", "build_app"]
+__all__ = ["ROUTES", "ApiSettings", "Control", "build_app"]
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 STREAM_ID_HEADER = "X-Stream-Id"
-_RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime")
 
 
-def _runtime(request: web.Request) -> Runtime:
-    return request.app[_RUNTIME]
+@dataclass(frozen=True, slots=True)
+class ApiSettings:
+    """The settings the API itself needs."""
+
+    token: str | None = None
+    """Bearer token of the stream routes; None: no authentication."""
+    max_body_bytes: int = 10 * 1024 * 1024
+    health_style: str = "byoc"
+    capability: str = ""
+    """The model id ``/version`` reports."""
+    processor: str = ""
+
+
+class Control(Protocol):
+    """What the API may ask of the runtime; every method is called on the API thread.
+
+    The commands hand their work to the main loop and wait for it there; the reads answer at once from
+    snapshots, so ``/health`` and ``/metrics`` answer even while the main loop is busy.
+    """
+
+    @property
+    def settings(self) -> ApiSettings: ...
+
+    async def start(self, spec: StreamSpec) -> str:
+        """Start a session and wait until it runs; its stream id (SessionExists, AdmissionRefused,
+        ProcessorError when it cannot)."""
+        ...
+
+    async def update_params(self, stream_id: str | None, params: Mapping[str, Any]) -> str:
+        """Hand a checked parameter update to the session ``stream_id`` means (by id, or the only
+        one when None); its stream id, or SessionNotFound."""
+        ...
+
+    async def stop(self, stream_id: str | None) -> str | None:
+        """Ask the session ``stream_id`` means to end; its stream id, or None when there is none."""
+        ...
+
+    def status(self, stream_id: str) -> SessionStatistics:
+        """One session's statistics, or SessionNotFound."""
+        ...
+
+    def statuses(self) -> list[SessionStatistics]:
+        """Every running session's statistics."""
+        ...
+
+    def health(self) -> HealthView: ...
+
+    def render_metrics(self) -> bytes: ...
+
+    def count_error(self, kind: str) -> None:
+        """Count an error of the API itself (``http``) in the runtime's metrics."""
+        ...
+
+
+_CONTROL: web.AppKey[Control] = web.AppKey("control")
+
+
+def _control(request: web.Request) -> Control:
+    return request.app[_CONTROL]
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -64,84 +125,63 @@ async def _body(request: web.Request) -> bytes:
 
 
 async def stream_start(request: web.Request) -> web.StreamResponse:
-    runtime = _runtime(request)
     spec = start_spec(json_object(await _body(request)), header_id=request.headers.get(STREAM_ID_HEADER))
-    stream_id = await runtime.on_main(_start(runtime, spec))
+    stream_id = await _control(request).start(spec)
     return _json({"status": "started", "stream_id": stream_id})
 
 
-async def _start(runtime: Runtime, spec: StreamSpec) -> str:
-    return (await runtime.manager.start(spec)).stream_id
-
-
 async def live_video_to_video(request: web.Request) -> web.StreamResponse:
-    runtime = _runtime(request)
     body = json_object(await _body(request))
     spec = start_spec(body, header_id=request.headers.get(STREAM_ID_HEADER), lv2v=True)
-    stream_id = await runtime.on_main(_start(runtime, spec))
+    stream_id = await _control(request).start(spec)
     urls = {key: body.get(key, "") for key in ("publish_url", "subscribe_url", "control_url")}
     return _json({**urls, "stream_id": stream_id})
 
 
 async def stream_params(request: web.Request) -> web.StreamResponse:
-    runtime = _runtime(request)
     raw = await _body(request)
     params = params_update(raw)
     stream_id = request.headers.get(STREAM_ID_HEADER) or stream_id_from_body(raw)
-    session = runtime.manager.resolve(stream_id)
-    if session is None:
-        raise SessionNotFound(
-            f"no session {stream_id!r}" if stream_id else "no stream id given and not one session"
-        )
-    session.update_params(params)
-    return _json({"status": "updated", "stream_id": session.stream_id})
+    updated = await _control(request).update_params(stream_id, params)
+    return _json({"status": "updated", "stream_id": updated})
 
 
 async def stream_stop(request: web.Request) -> web.StreamResponse:
-    runtime = _runtime(request)
     raw = await _body(request)  # any body: go-livepeer sends plain text, e.g. "stream ended"
     stream_id = request.headers.get(STREAM_ID_HEADER) or stream_id_from_body(raw)
-    stopped = await runtime.on_main(_stop(runtime, stream_id))
+    stopped = await _control(request).stop(stream_id)
     if stopped is None:
         return _json({"status": "not running", "stream_id": stream_id})
     return _json({"status": "stopping", "stream_id": stopped})
 
 
-async def _stop(runtime: Runtime, stream_id: str | None) -> str | None:
-    session = runtime.manager.resolve(stream_id)
-    if session is None:
-        return None
-    runtime.manager.stop(session.stream_id, EndReason.STOPPED)
-    return session.stream_id
-
-
 async def stream_status(request: web.Request) -> web.StreamResponse:
-    runtime = _runtime(request)
+    control = _control(request)
     wanted = request.query.get("stream_id") or request.headers.get(STREAM_ID_HEADER)
     if wanted:
-        return _json(runtime.manager.get(wanted).statistics().as_dict())
-    return _json({"sessions": [stats.as_dict() for stats in runtime.manager.statistics()]})
+        return _json(control.status(wanted).as_dict())
+    return _json({"sessions": [stats.as_dict() for stats in control.statuses()]})
 
 
 # --- runtime routes -----------------------------------------------------------------------------
 
 
 async def health(request: web.Request) -> web.StreamResponse:
-    runtime = _runtime(request)
-    status, body = health_response(runtime.health_view(), runtime.settings.health_style)
+    control = _control(request)
+    status, body = health_response(control.health(), control.settings.health_style)
     return _json(body, status=status)
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:
-    return web.Response(body=_runtime(request).metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+    return web.Response(body=_control(request).render_metrics(), headers={"Content-Type": CONTENT_TYPE})
 
 
 async def version(request: web.Request) -> web.StreamResponse:
-    settings = _runtime(request).settings
+    settings = _control(request).settings
     return _json(
         {
             "pipeline": "byoc",
-            "model_id": settings.capability_name,
+            "model_id": settings.capability,
             "version": __version__,
             "processor": settings.processor,
         }
@@ -197,7 +237,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except ProcessorError as exc:
         return _error(500, f"the processor could not start the session: {exc}")
     except web.HTTPRequestEntityTooLarge:
-        limit = _runtime(request).settings.max_body_bytes
+        limit = _control(request).settings.max_body_bytes
         return _error(413, f"request body too large (limit {limit} bytes)")
     except web.HTTPException as exc:
         if exc.status >= 400:
@@ -205,17 +245,19 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         raise
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
-        _runtime(request).metrics.error("http")
+        _control(request).count_error("http")
         return _error(500, "internal error")
 
 
-def build_app(runtime: Runtime) -> web.Application:
+def build_app(control: Control) -> web.Application:
+    """The API application, serving ``control`` (see :class:`Control`)."""
+    settings = control.settings
     middlewares = [_errors]
-    if runtime.settings.token:
+    if settings.token:
         protected = {handler for _, _, handler, needs_token in ROUTES if needs_token}
-        middlewares.append(_auth_middleware(runtime.settings.token, protected))
-    app = web.Application(middlewares=middlewares, client_max_size=runtime.settings.max_body_bytes)
-    app[_RUNTIME] = runtime
+        middlewares.append(_auth_middleware(settings.token, protected))
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
+    app[_CONTROL] = control
     for method, path, handler, _ in ROUTES:
         app.router.add_route(method, path, handler)
     return app

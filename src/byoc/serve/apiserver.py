@@ -2,7 +2,7 @@
 
 The runtime's main loop carries every session's trickle I/O; the API loop carries only requests, so
 ``/health`` and ``/metrics`` never queue behind media work. Handlers that change sessions hand their
-work to the main loop with :meth:`ApiServer.on_main` and wait for it there.
+work to the main loop through byoc.serve.control.RuntimeControl and wait for it there.
 """
 
 from __future__ import annotations
@@ -11,30 +11,21 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from collections.abc import Coroutine
-from typing import Any, TypeVar
 
 from aiohttp import web
-
-from byoc.threads import run_on_loop
 
 __all__ = ["ApiServer"]
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 
 class ApiServer:
     """Serves an aiohttp application from a dedicated thread."""
 
-    def __init__(
-        self, app: web.Application, host: str, port: int, main_loop: asyncio.AbstractEventLoop
-    ) -> None:
+    def __init__(self, app: web.Application, host: str, port: int) -> None:
         self._app = app
         self._host = host
         self._port = port
-        self._main = main_loop
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread = threading.Thread(target=self._run, name="api", daemon=True)
@@ -51,10 +42,6 @@ class ApiServer:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         await asyncio.to_thread(self._thread.join, timeout)
-
-    async def on_main(self, work: Coroutine[Any, Any, T]) -> T:
-        """Run ``work`` on the runtime's main loop and await its result from the API loop."""
-        return await run_on_loop(self._main, work)
 
     def _run(self) -> None:
         try:

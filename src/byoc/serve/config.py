@@ -17,13 +17,46 @@ from pathlib import Path
 from typing import Any
 
 from byoc.errors import ConfigError
-from byoc.media.encoder import MAX_SEGMENT_S
+from byoc.media.encoder import MAX_SEGMENT_S, EncoderSettings
 from byoc.spec import SessionSettings
 from byoc.trickle.client import TrickleClientSettings
 
-__all__ = ["ENV_PREFIX", "Settings", "build_parser", "settings_from"]
+__all__ = ["ENV_PREFIX", "DrainBudget", "Settings", "build_parser", "settings_from"]
 
 ENV_PREFIX = "BYOC_"
+_ENCODER = EncoderSettings()  # the defaults of the media settings below
+
+
+@dataclass(frozen=True, slots=True)
+class DrainBudget:
+    """How the container's ``drain_timeout_s`` is shared out on SIGTERM (all in seconds).
+
+    Unregistering may take ``unregister_s``; each session gets ``session_s`` to flush its encoder and
+    publish its last segment (its own drain deadline); the runtime waits for the sessions until
+    ``sessions_margin_s`` before the deadline, then cancels what is left until ``cancel_margin_s``
+    before it, and tears the processor down until ``teardown_margin_s`` before it.
+    """
+
+    total_s: float
+    unregister_s: float
+    session_s: float
+    sessions_margin_s: float = 0.5
+    cancel_margin_s: float = 0.2
+    teardown_margin_s: float = 0.1
+
+    @classmethod
+    def from_total(cls, seconds: float) -> DrainBudget:
+        return cls(total_s=seconds, unregister_s=min(2.0, seconds / 4), session_s=max(1.0, seconds - 2.0))
+
+    def sessions_wait_s(self, remaining_s: float) -> float:
+        """How long to wait for the sessions with ``remaining_s`` left before the deadline."""
+        return max(0.1, remaining_s - self.sessions_margin_s)
+
+    def cancel_wait_s(self, remaining_s: float) -> float:
+        return max(0.05, remaining_s - self.cancel_margin_s)
+
+    def teardown_wait_s(self, remaining_s: float) -> float:
+        return max(0.05, remaining_s - self.teardown_margin_s)
 
 
 def _setting(default: Any, help: str, *, secret: bool = False, choices: Sequence[str] | None = None) -> Any:
@@ -57,9 +90,11 @@ class Settings:
         10, "niceness added to the media and processing threads, so that requests are answered first"
     )
     # --- media ---
-    segment_s: float = _setting(1.0, f"output segment length in seconds (at most {MAX_SEGMENT_S})")
-    preset: str = _setting("superfast", "x264 preset of the output")
-    crf: int = _setting(23, "x264 constant rate factor of the output")
+    segment_s: float = _setting(
+        _ENCODER.segment_s, f"output segment length in seconds (at most {MAX_SEGMENT_S})"
+    )
+    preset: str = _setting(_ENCODER.preset, "x264 preset of the output")
+    crf: int = _setting(_ENCODER.crf, "x264 constant rate factor of the output")
     status_interval_s: float = _setting(5.0, "seconds between status events of a session")
     max_session_s: float | None = _setting(None, "end a session after this many seconds")
     max_consecutive_errors: int = _setting(10, "processor failures in a row that end a session")
@@ -93,8 +128,10 @@ class Settings:
             problems.append(f"max_sessions must be >= 1, got {self.max_sessions}")
         if self.drain_timeout_s <= 0:
             problems.append(f"drain_timeout_s must be > 0, got {self.drain_timeout_s}")
-        if not 0.1 <= self.segment_s <= MAX_SEGMENT_S:
-            problems.append(f"segment_s must be within 0.1..{MAX_SEGMENT_S}, got {self.segment_s}")
+        try:
+            self.encoder()
+        except ValueError as exc:
+            problems.append(str(exc))
         if self.orchestrator_url and not (self.orch_secret or self.orch_secret_file):
             problems.append("orchestrator_url needs orch_secret or orch_secret_file")
         for option in self.processor_option:
@@ -130,13 +167,18 @@ class Settings:
     def trickle(self) -> TrickleClientSettings:
         return TrickleClientSettings(verify_tls=not self.insecure_tls)
 
+    def encoder(self) -> EncoderSettings:
+        """The output's encoding (each session sets its own width and height)."""
+        return EncoderSettings(segment_s=self.segment_s, preset=self.preset, crf=self.crf)
+
+    def drain_budget(self) -> DrainBudget:
+        return DrainBudget.from_total(self.drain_timeout_s)
+
     def session(self) -> SessionSettings:
         return SessionSettings(
-            segment_s=self.segment_s,
-            preset=self.preset,
-            crf=self.crf,
+            encoder=self.encoder(),
             status_interval_s=self.status_interval_s,
-            drain_timeout_s=max(1.0, self.drain_timeout_s - 2.0),
+            drain_timeout_s=self.drain_budget().session_s,
             max_duration_s=self.max_session_s,
             max_consecutive_errors=self.max_consecutive_errors,
             thread_nice=self.thread_nice,

@@ -248,22 +248,3 @@ class MemoryBudget:
             f"GPU {self._device} has {free} MiB free; a session needs {_mib(per_session)} MiB "
             f"plus {_mib(self._headroom)} MiB headroom"
         )
-
-    def snapshot(self) -> dict[str, Any]:
-        """The budget's state for /health and the check tool (sizes in MiB)."""
-        reading = self._monitor.device(self._device) if self._monitor.available else None
-        per_session = self.per_session_bytes
-        source = (
-            "configured" if self._configured is not None else "measured" if per_session is not None else None
-        )
-        return {
-            "available": self._monitor.available,
-            "device": self._device,
-            "name": reading.name if reading else None,
-            "free_mib": _mib(reading.free_bytes) if reading else None,
-            "total_mib": _mib(reading.total_bytes) if reading else None,
-            "per_session_mib": _mib(per_session) if per_session is not None else None,
-            "per_session_source": source,
-            "baseline_mib": _mib(self._baseline) if self._baseline is not None else None,
-            "headroom_mib": _mib(self._headroom),
-        }

@@ -1,9 +1,16 @@
 """The session manager: owns every session, admits new ones, routes requests to them, drains them.
 
-go-livepeer does not check capacity before it sends a start (protocol.md §2.7), so the container
+go-livepeer does not check capacity before it sends a start (docs/protocol.md §2.7), so the container
 enforces its own limit: a start beyond ``max_sessions`` — or while the processor loads, while the
 runtime drains, or when the GPU has no room — is refused with a reason. Admission and registration of
 a session happen without an ``await`` in between, so concurrent starts can never overshoot the limit.
+
+Thread ownership (docs/architecture.md): the manager and its sessions are mutated only on the
+runtime's main loop, the loop that created them. Every other thread reads snapshots
+(:meth:`SessionManager.statistics`, :meth:`SessionManager.totals`, ``len``) and hands commands over:
+the HTTP API through byoc.serve.control.RuntimeControl, which runs :meth:`~SessionManager.start`,
+:meth:`~SessionManager.resolve`, :meth:`~SessionManager.stop` and ``Session.update_params`` on the
+main loop. ``Session.update_params`` refuses to run anywhere else.
 """
 
 from __future__ import annotations

@@ -25,7 +25,18 @@ __all__ = ["CONTENT_TYPE", "ERROR_TYPES", "FrameTotals", "MetricsSource", "Runti
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-ERROR_TYPES = ("decode", "process", "encode", "trickle", "oom", "start", "registration", "http", "other")
+ERROR_TYPES = (
+    "decode",
+    "process",
+    "encode",
+    "trickle",
+    "oom",
+    "start",
+    "params",
+    "registration",
+    "http",
+    "other",
+)
 """The bounded values of byoc_errors_total's ``type`` label."""
 
 # Around the 33 ms budget of a frame at 30 fps.

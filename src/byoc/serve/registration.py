@@ -1,4 +1,4 @@
-"""Capability registration with a go-livepeer orchestrator (protocol.md §1).
+"""Capability registration with a go-livepeer orchestrator (docs/protocol.md §1).
 
 The container announces where it lives and what it costs with ``POST /capability/register`` and keeps
 announcing it: the orchestrator holds registrations in memory only and forgets them on restart without
@@ -9,11 +9,12 @@ the periodic refresh happens only while no session runs (§1.7, pitfalls P1 and 
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -25,9 +26,20 @@ from byoc.trickle.protocol import RetryPolicy, RetryState
 if TYPE_CHECKING:
     from byoc.serve.config import Settings
 
-__all__ = ["CapabilityInfo", "Registrar"]
+__all__ = ["CapabilityInfo", "Registrar", "RegistrarState"]
 
 log = logging.getLogger(__name__)
+
+
+class RegistrarState(enum.StrEnum):
+    """Where the registration stands; see :class:`Registrar`."""
+
+    UNREGISTERED = "unregistered"
+    REGISTERING = "registering"
+    REGISTERED = "registered"
+    REFUSED = "refused"
+    UNREGISTERED_ON_SHUTDOWN = "unregistered_on_shutdown"
+
 
 REGISTER_PATH = "/capability/register"
 UNREGISTER_PATH = "/capability/unregister"
@@ -54,6 +66,8 @@ class CapabilityInfo:
     price_per_unit: int = 0
     price_scaling: int = 1
     currency: str = "wei"
+    token: str = field(default="", repr=False)
+    """The container's bearer token: O then sends ``Authorization: Bearer <token>`` on every stream call."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "url", self.url.rstrip("/"))
@@ -81,11 +95,12 @@ class CapabilityInfo:
             price_per_unit=settings.price_per_unit,
             price_scaling=settings.price_scaling,
             currency=settings.currency,
+            token=settings.token or "",
         )
 
     def body(self) -> dict[str, str | int]:
-        """The JSON object ``/capability/register`` expects (no ``token``: stream routes use their own)."""
-        return {
+        """The JSON object ``/capability/register`` expects; ``token`` only when the stream routes need one."""
+        body: dict[str, str | int] = {
             "name": self.name,
             "url": self.url,
             "capacity": self.capacity,
@@ -94,6 +109,9 @@ class CapabilityInfo:
             "currency": self.currency,
             "description": self.description,
         }
+        if self.token:
+            body["token"] = self.token
+        return body
 
 
 class Registrar:
@@ -133,7 +151,7 @@ class Registrar:
         self._interval = reregister_interval_s
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s)
         self._sleep = sleep
-        self._state = "unregistered"
+        self._state = RegistrarState.UNREGISTERED
         self._last_error: str | None = None
         self._failures = 0  # consecutive retryable failures, for rate-limited warnings
         self._announced = False
@@ -152,7 +170,7 @@ class Registrar:
         )
 
     @property
-    def state(self) -> str:
+    def state(self) -> RegistrarState:
         return self._state
 
     @property
@@ -161,11 +179,11 @@ class Registrar:
 
     def __repr__(self) -> str:
         name, state = self.capability.name, self._state
-        return f"Registrar(orchestrator={self._shown!r}, capability={name!r}, state={state!r})"
+        return f"Registrar(orchestrator={self._shown!r}, capability={name!r}, state={str(state)!r})"
 
     async def register_once(self) -> None:
         """One ``POST /capability/register``: ConfigError on 400, a retryable ByocError on anything else."""
-        self._state = "registering"
+        self._state = RegistrarState.REGISTERING
         name = self.capability.name
         body = json.dumps(self.capability.body()).encode()
         try:
@@ -173,16 +191,16 @@ class Registrar:
         except (aiohttp.ClientError, OSError) as exc:
             currency, hint = self.capability.currency, ""
             if isinstance(exc, aiohttp.ServerDisconnectedError) and currency.lower() not in _LOCAL_CURRENCIES:
-                hint = f" (an orchestrator without a price feed drops the connection for {currency!r}, P19)"
+                hint = f" (an orchestrator without a price feed drops the connection for {currency!r})"
             raise self._failed(_RetryableError, self._describe(exc) + hint) from exc
-        if 200 <= status < 300:  # the body is "ok" although Content-Type says JSON (P18): not parsed
-            self._state, self._last_error = "registered", None
+        if 200 <= status < 300:  # the body is "ok" although Content-Type says JSON: not parsed
+            self._state, self._last_error = RegistrarState.REGISTERED, None
             level = logging.INFO if not self._announced or self._failures else logging.DEBUG
             log.log(level, "registered capability %r (%s) with %s", name, self.capability.url, self._shown)
             self._announced, self._failures = True, 0
             return
         if status == 400:
-            self._state = "refused"
+            self._state = RegistrarState.REFUSED
             if text.startswith("invalid authorization"):
                 reason = "refused the secret (check orch_secret: it is sent raw, without 'Bearer ')"
             else:
@@ -216,7 +234,7 @@ class Registrar:
         if status != 200:
             log.warning("unregistering %r from %s: answered %d %r", name, self._shown, status, text)
             return
-        self._state = "unregistered_on_shutdown"
+        self._state = RegistrarState.UNREGISTERED_ON_SHUTDOWN
         log.info("unregistered capability %r from %s", name, self._shown)
 
     # --- internals ----------------------------------------------------------------------------------

@@ -23,8 +23,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Coroutine, Sequence
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Sequence
 
 import aiohttp
 
@@ -34,6 +33,7 @@ from byoc.processor import Processor, load_processor
 from byoc.serve.api import build_app
 from byoc.serve.apiserver import ApiServer
 from byoc.serve.config import Settings
+from byoc.serve.control import RuntimeControl, api_settings
 from byoc.serve.gpu import DeviceMemory, GpuMonitor, MemoryBudget, TorchMemory, torch_memory
 from byoc.serve.health import HealthView, RuntimeState
 from byoc.serve.manager import SessionManager
@@ -53,7 +53,6 @@ _MB = 1024 * 1024
 _BUDGET_SAMPLE_S = 2.0
 _HEARTBEAT_S = 0.5
 _STALL_S = 5.0
-T = TypeVar("T")
 
 
 class Runtime:
@@ -94,12 +93,6 @@ class Runtime:
         if self._manager is None:
             raise RuntimeError("the runtime is not serving")
         return self._manager
-
-    def on_main(self, work: Coroutine[Any, Any, T]) -> Awaitable[T]:
-        """Run ``work`` on the main loop (where sessions live) from an API handler."""
-        if self._api is None:
-            raise RuntimeError("the runtime is not serving")
-        return self._api.on_main(work)
 
     def _stalled_for(self) -> float:
         return time.monotonic() - self._heartbeat
@@ -185,9 +178,14 @@ class Runtime:
                 max_sessions=self.settings.max_sessions,
                 gate=self._admission_gate,
             )
-            self._api = ApiServer(
-                build_app(self), self.settings.host, self.settings.port, asyncio.get_running_loop()
+            control = RuntimeControl(
+                self._manager,
+                asyncio.get_running_loop(),
+                settings=api_settings(self.settings),
+                health=self.health_view,
+                metrics=self.metrics,
             )
+            self._api = ApiServer(build_app(control), self.settings.host, self.settings.port)
             self.port = await self._api.start()
             log.info(
                 "listening on %s:%s (processor %s)", self.settings.host, self.port, self.settings.processor
@@ -256,17 +254,18 @@ class Runtime:
             await asyncio.sleep(_BUDGET_SAMPLE_S)
 
     async def _drain(self) -> int:
-        deadline = time.monotonic() + self.settings.drain_timeout_s
+        budget = self.settings.drain_budget()
+        deadline = time.monotonic() + budget.total_s
         self._draining = True
-        log.info("draining: %d sessions, %.1fs to go", self.sessions_active(), self.settings.drain_timeout_s)
+        log.info("draining: %d sessions, %.1fs to go", self.sessions_active(), budget.total_s)
         if self._registration is not None:
             self._registration.cancel()  # no idle re-registration may follow the unregister
         if self._registrar is not None:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(2.0, self.settings.drain_timeout_s / 4)):
+                async with asyncio.timeout(budget.unregister_s):
                     await self._registrar.unregister()
         code = 0
-        hung = await self.manager.drain(timeout=max(0.1, deadline - time.monotonic() - 0.5))
+        hung = await self.manager.drain(timeout=budget.sessions_wait_s(deadline - time.monotonic()))
         for stream_id, stages in self.manager.stuck_stages().items():
             log.error(
                 "stream %s: the %s thread was still busy at the deadline and was left behind",
@@ -278,11 +277,11 @@ class Runtime:
             log.error("drain deadline: sessions %s did not end; cancelling them", ", ".join(hung))
             code = EXIT_HUNG
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.05, deadline - time.monotonic() - 0.2)):
+                async with asyncio.timeout(budget.cancel_wait_s(deadline - time.monotonic())):
                     await self.manager.cancel_all()
         if self._processor is not None:
             try:
-                async with asyncio.timeout(max(0.05, deadline - time.monotonic() - 0.1)):
+                async with asyncio.timeout(budget.teardown_wait_s(deadline - time.monotonic())):
                     await run_in_thread(self._processor.teardown, "processor-teardown")
             except TimeoutError:
                 log.error("drain deadline: the processor's teardown() did not return")
@@ -291,7 +290,7 @@ class Runtime:
                 log.exception("the processor's teardown() failed")
         log.info(
             "drained in %.2fs, exit code %d",
-            self.settings.drain_timeout_s - (deadline - time.monotonic()),
+            budget.total_s - (deadline - time.monotonic()),
             code,
         )
         return code

@@ -8,13 +8,13 @@ reaches a session. Bodies are parsed as JSON whatever their Content-Type says (`
 from __future__ import annotations
 
 import json
-import math
 import uuid
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 from byoc.errors import InvalidRequest
+from byoc.params import check_update, max_fps
 from byoc.spec import StreamSpec
 
 __all__ = ["MAX_DIMENSION", "json_object", "params_update", "start_spec", "stream_id_from_body"]
@@ -68,20 +68,6 @@ def _dimension(params: Mapping[str, Any], name: str) -> int:
     return number
 
 
-def _max_fps(params: Mapping[str, Any]) -> float | None:
-    value = params.get("max_fps")
-    if value is None:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or not 0 < value <= 120
-    ):
-        raise InvalidRequest("params.max_fps", f"must be a number within (0, 120], got {value!r}")
-    return float(value)
-
-
 def _params(body: Mapping[str, Any]) -> dict[str, Any]:
     params = body.get("params")
     if params is None:  # go-livepeer sends "params": null when the client gave none
@@ -123,16 +109,14 @@ def start_spec(body: Mapping[str, Any], *, header_id: str | None, lv2v: bool = F
         params=params,
         width=width,
         height=height,
-        max_fps=_max_fps(params),
+        max_fps=max_fps(params.get("max_fps")),
     )
 
 
 def params_update(raw: bytes) -> dict[str, Any]:
-    """A ``/stream/params`` body: the client's parameters as a flat JSON object."""
-    params = json_object(raw)
-    if "max_fps" in params:
-        _max_fps(params)
-    return params
+    """A ``/stream/params`` body: the client's parameters as a flat JSON object, checked by
+    :func:`byoc.params.check_update` (the check the control channel's updates get too)."""
+    return check_update(json_object(raw))
 
 
 def stream_id_from_body(raw: bytes) -> str | None:

@@ -43,6 +43,7 @@ def status_event(
         "frame_latency_ms": figures["frame_latency_ms"],
         "dropped_frames": dict(stats.dropped),
         "errors": dict(stats.errors),
+        "trickle": figures["trickle"],
     }
 
 

@@ -10,12 +10,33 @@
 error, or its deadline. A graceful end lets the pipeline drain — the encoder is flushed and its last
 segment published — within ``drain_timeout_s``; then a final event goes out and every channel the
 session publishes is DELETEd, so the gateway sees the end at once.
+
+A session is ``starting`` until :meth:`Session.run` has started its tasks, then ``running``, then
+``ended`` (:class:`SessionState`).
+
+Trickle errors follow one policy, whichever of the five channels they happen on
+(:func:`trickle_failure`; every channel task hands its errors to ``Session._trickle_failed``):
+
+* the end of the input or control channel ends the session: ``input_ended`` / ``control_ended``;
+* a 404 or a closed channel (ChannelGone, ChannelClosed) ends it: ``input_gone``, ``control_gone``,
+  or ``output_gone`` for any channel it publishes (output, events, data). The gateway ended the
+  stream, so this is not counted as an error;
+* any other TrickleError (retries exhausted, a protocol error) is counted as a ``trickle`` error and
+  becomes ``last_error``, naming the channel. On the input, control or output channel it ends the
+  session with ``trickle_error``; on the events or data channel only that event or batch is lost and
+  the session goes on.
+
+What the trickle clients recovered from on their own — retried requests, segment bodies restarted
+after a break, published segments that broke off — is no error; the statistics report it under
+``trickle`` (:class:`~byoc.session.stats.TrickleCounts`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import enum
 import logging
 import threading
 import time
@@ -25,15 +46,17 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from byoc.errors import ChannelClosed, ChannelGone, ProcessorError, TrickleError
+from byoc.errors import ChannelClosed, ChannelGone, InvalidRequest, ProcessorError, TrickleError
 from byoc.logs import current_stream_id
 from byoc.media.decoder import Decoder
-from byoc.media.encoder import Encoder, EncoderSettings
+from byoc.media.encoder import Encoder
 from byoc.media.items import Item, ParamsItem, VideoItem
 from byoc.media.queues import Closed, StageQueue
+from byoc.params import check_update
+from byoc.params import max_fps as parse_max_fps
 from byoc.processor import Processor, SessionContext
 from byoc.session.events import final_event, status_event
-from byoc.session.stats import LatencyWindow, RateMeter, SessionStatistics
+from byoc.session.stats import LatencyWindow, RateMeter, SessionStatistics, TrickleCounts
 from byoc.session.worker import ProcessingWorker
 from byoc.spec import EndReason, SessionSettings, StreamSpec
 from byoc.threads import call_in_loop
@@ -41,9 +64,46 @@ from byoc.trickle.channels import ControlReader, DataWriter, EventsWriter, encod
 from byoc.trickle.publisher import PublishSegment, TricklePublisher
 from byoc.trickle.subscriber import TrickleSubscriber
 
-__all__ = ["Session", "SessionObserver"]
+__all__ = ["Channel", "Session", "SessionObserver", "SessionState", "trickle_failure"]
 
 log = logging.getLogger(__name__)
+
+
+class SessionState(enum.StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    ENDED = "ended"
+
+
+class Channel(enum.StrEnum):
+    """The trickle channels of a session, by role."""
+
+    INPUT = "input"
+    CONTROL = "control"
+    OUTPUT = "output"
+    EVENTS = "events"
+    DATA = "data"
+
+
+_ENDED = {Channel.INPUT: EndReason.INPUT_ENDED, Channel.CONTROL: EndReason.CONTROL_ENDED}
+_GONE = {
+    Channel.INPUT: EndReason.INPUT_GONE,
+    Channel.CONTROL: EndReason.CONTROL_GONE,
+    Channel.OUTPUT: EndReason.OUTPUT_GONE,
+    Channel.EVENTS: EndReason.OUTPUT_GONE,
+    Channel.DATA: EndReason.OUTPUT_GONE,
+}
+_ESSENTIAL = frozenset({Channel.INPUT, Channel.CONTROL, Channel.OUTPUT})
+
+
+def trickle_failure(channel: Channel, error: TrickleError | None) -> EndReason | None:
+    """Why the session ends when ``channel`` fails with ``error`` (None: the channel's end of stream);
+    None when the session goes on. The policy is tabled in the module docstring."""
+    if error is None:
+        return _ENDED.get(channel)
+    if isinstance(error, (ChannelGone, ChannelClosed)):
+        return _GONE[channel]
+    return EndReason.TRICKLE_ERROR if channel in _ESSENTIAL else None
 
 
 class SessionObserver(Protocol):
@@ -140,14 +200,16 @@ class Session:
         self._worker_done = asyncio.Event()
         self._events: asyncio.Queue[tuple[dict[str, Any], str | None]] = asyncio.Queue()
         self._data: asyncio.Queue[bytes] = asyncio.Queue()
-        self._state = "starting"
+        self._state = SessionState.STARTING
         self._started_at = time.time()
         self._started_mono = time.monotonic()
         self._errors: dict[str, int] = {}
+        self._errors_lock = threading.Lock()  # the stage threads and the loop all count errors
         self._last_error: str | None = None
         self._input_rate, self._output_rate = RateMeter(), RateMeter()
         self._latency = LatencyWindow()
-        self._input_segments = self._output_segments = self._output_bytes = 0
+        self._subscribers: list[TrickleSubscriber] = []
+        self._publishers: list[TricklePublisher] = []
         self.context = SessionContext(spec.stream_id, spec.width, spec.height, dict(spec.params), self)
         self._params = dict(spec.params)
         self._frames: StageQueue[Item] = StageQueue(capacity=s.queue_capacity, max_age_s=s.max_frame_age_s)
@@ -185,7 +247,7 @@ class Session:
             self._encoder = Encoder(
                 self._processed,
                 self._sink,
-                EncoderSettings(spec.width, spec.height, segment_s=s.segment_s, preset=s.preset, crf=s.crf),
+                dataclasses.replace(s.encoder, width=spec.width, height=spec.height),
                 name=f"encode-{spec.stream_id}",
                 nice=s.thread_nice,
                 on_frame=self._frame_done,
@@ -222,15 +284,35 @@ class Session:
             log.info("stream %s: ending (%s)", self.stream_id, reason)
         self._stopping.set()
 
-    def update_params(self, params: Mapping[str, Any]) -> None:
-        """Apply new parameters between two frames (from /stream/params or the control channel)."""
-        update = dict(params)
+    def update_params(self, params: Mapping[str, Any]) -> bool:
+        """Apply new parameters between two frames (from /stream/params or the control channel).
+
+        Only on the session's event loop (docs/architecture.md): another thread hands the call over
+        with byoc.threads.run_on_loop, or gets a RuntimeError and changes nothing. The update is checked
+        by :func:`byoc.params.check_update`, as a ``/stream/params`` request is; a refused update changes
+        nothing: it is logged, counted as a ``params`` error and reported with a ``params_rejected``
+        event. Returns whether the update was applied.
+        """
+        if not _on_loop(self._loop):
+            raise RuntimeError(
+                f"stream {self.stream_id}: update_params called off the session's event loop "
+                "(hand it over with byoc.threads.run_on_loop)"
+            )
+        try:
+            update = check_update(params)
+            max_fps = parse_max_fps(update["max_fps"]) if "max_fps" in update else None
+        except InvalidRequest as exc:
+            log.warning("stream %s: parameter update refused: %s", self.stream_id, exc)
+            self._error("params", f"parameter update refused: {exc}")
+            self.send_event({"type": "params_rejected", "field": exc.field, "error": exc.message})
+            return False
         self._params.update(update)  # what the stream was given; the processor sees it between frames
         if "max_fps" in update and self._decoder is not None:
-            self._decoder.max_fps = _positive_float(update["max_fps"])
+            self._decoder.max_fps = max_fps
         with contextlib.suppress(Closed):
             self._frames.put(ParamsItem(update), droppable=False)
         self.send_event({"type": "params_updated", "params": update})
+        return True
 
     def stuck_stages(self) -> list[str]:
         """The stages whose threads are still running (after the end: the ones left behind, hung)."""
@@ -262,10 +344,15 @@ class Session:
     # --- statistics -----------------------------------------------------------------------------
 
     def _error(self, kind: str, message: str | None = None) -> None:
-        self._errors[kind] = self._errors.get(kind, 0) + 1
-        if message:
-            self._last_error = message
+        with self._errors_lock:
+            self._errors[kind] = self._errors.get(kind, 0) + 1
+            if message:
+                self._last_error = message
         self._observer.error(kind)
+
+    def _error_counts(self) -> dict[str, int]:
+        with self._errors_lock:
+            return dict(self._errors)
 
     def _frame_done(self, item: VideoItem) -> None:
         latency = time.monotonic() - item.decoded_at
@@ -293,19 +380,29 @@ class Session:
             width=self.spec.width,
             height=self.spec.height,
             has_audio=bool(decoder and decoder.has_audio),
-            input_segments=self._input_segments,
+            input_segments=decoder.segments_in if decoder else 0,
             input_bytes=decoder.bytes_in if decoder else 0,
             frames_in=decoder.frames_decoded if decoder else 0,
             input_fps=self._input_rate.rate(),
             frames_out=encoder.frames_out if encoder else worker.frames_out,
             output_fps=self._output_rate.rate(),
-            output_segments=self._output_segments,
-            output_bytes=self._output_bytes,
+            output_segments=encoder.segments_out if encoder else 0,
+            output_bytes=encoder.bytes_out if encoder else 0,
             dropped=dropped,
-            errors=dict(self._errors),
+            errors=self._error_counts(),
             latency_ms=self._latency.percentiles(),
             last_error=self._last_error or worker.last_error,
-            end_reason=str(self._reason) if self._reason and self._state == "ended" else None,
+            end_reason=str(self._reason) if self._reason and self._state is SessionState.ENDED else None,
+            trickle=self._trickle_counts(),
+        )
+
+    def _trickle_counts(self) -> TrickleCounts:
+        subscribers = [s.statistics() for s in list(self._subscribers)]
+        publishers = [p.statistics() for p in list(self._publishers)]
+        return TrickleCounts(
+            retries=sum(s.retries for s in subscribers) + sum(p.retries for p in publishers),
+            restarts=sum(s.restarts for s in subscribers),
+            broken_segments=sum(p.broken_segments for p in publishers),
         )
 
     # --- the session ----------------------------------------------------------------------------
@@ -338,14 +435,14 @@ class Session:
                 if self.settings.max_duration_s:
                     deadline = self._deadline(self.settings.max_duration_s)
                     background.append(tasks.create_task(deadline, name=f"{name}:deadline"))
-                self._state = "running"
+                self._state = SessionState.RUNNING
                 try:
                     await self._run_pipeline(output)
                 finally:
                     for task in background:
                         task.cancel()
         finally:
-            self._state = "ended"
+            self._state = SessionState.ENDED
             if self._reason is None:
                 self._reason = self._reason_from_stages()
             await self._finish(events, output, data)
@@ -354,7 +451,24 @@ class Session:
     def _publisher(self, url: str | None, mime: str) -> TricklePublisher | None:
         if url is None:
             return None
-        return TricklePublisher(url, session=self._http, mime_type=mime, settings=self.settings.trickle)
+        publisher = TricklePublisher(url, session=self._http, mime_type=mime, settings=self.settings.trickle)
+        self._publishers.append(publisher)
+        return publisher
+
+    def _subscriber(self, url: str) -> TrickleSubscriber:
+        subscriber = TrickleSubscriber(url, session=self._http, settings=self.settings.trickle)
+        self._subscribers.append(subscriber)
+        return subscriber
+
+    def _trickle_failed(self, channel: Channel, error: TrickleError | None) -> EndReason | None:
+        """Apply the trickle policy (:func:`trickle_failure`): count the error, end the session if it
+        must; returns the end reason, None when the session goes on."""
+        if error is not None and not isinstance(error, (ChannelGone, ChannelClosed)):
+            self._error("trickle", f"{channel} channel: {error}")
+        reason = trickle_failure(channel, error)
+        if reason is not None:
+            self.stop(reason)
+        return reason
 
     async def _run_pipeline(self, output: TricklePublisher | None) -> None:
         """Media until the pipeline has drained (without input: until a stop)."""
@@ -412,23 +526,19 @@ class Session:
         decoder, url = self._decoder, self.spec.subscribe_url
         assert decoder is not None
         assert url is not None
+        first = True
         try:
-            async with TrickleSubscriber(
-                url, session=self._http, settings=self.settings.trickle
-            ) as subscriber:
+            async with self._subscriber(url) as subscriber:
                 async for segment in subscriber:
                     async for chunk in segment:
                         decoder.feed(chunk)
                     decoder.end_segment()
-                    self._input_segments += 1
-                    if self._input_segments == 1:
+                    if first:
+                        first = False
                         self.send_event({"type": "receive_first_ingest_segment"}, "stream_trace")
-            self.stop(EndReason.INPUT_ENDED)
-        except ChannelGone:
-            self.stop(EndReason.INPUT_GONE)
+            self._trickle_failed(Channel.INPUT, None)
         except TrickleError as exc:
-            self._error("trickle", str(exc))
-            self.stop(EndReason.TRICKLE_ERROR)
+            self._trickle_failed(Channel.INPUT, exc)
         finally:
             decoder.end()
 
@@ -436,6 +546,7 @@ class Session:
         """Publish the encoder's segments as their bytes arrive, until the encoder has finished."""
         segment: PublishSegment | None = None
         failed = False
+        first = True
         while True:
             for item in _coalesce(await self._sink.take()):
                 if item is _FINISHED:
@@ -452,36 +563,25 @@ class Session:
                         await segment.open()
                     if data is not None:
                         await segment.write(data)
-                        self._output_bytes += len(data)
                         continue
                     await segment.finish()
                     segment = None
-                    self._output_segments += 1
-                    if self._output_segments == 1:
+                    if first:
+                        first = False
                         self.send_event({"type": "send_first_processed_segment"}, "stream_trace")
-                except (ChannelGone, ChannelClosed):
-                    failed = True
-                    self.stop(EndReason.OUTPUT_GONE)
-                    self._close_queues()
                 except TrickleError as exc:
-                    failed = True
-                    self._error("trickle", str(exc))
-                    self.stop(EndReason.TRICKLE_ERROR)
-                    self._close_queues()
+                    if self._trickle_failed(Channel.OUTPUT, exc) is not None:
+                        failed = True  # the encoder's remaining output is dropped
+                        self._close_queues()
 
     async def _watch_control(self, url: str) -> None:
         try:
-            async with TrickleSubscriber(
-                url, session=self._http, settings=self.settings.trickle
-            ) as subscriber:
+            async with self._subscriber(url) as subscriber:
                 async for params in ControlReader(subscriber):
                     self.update_params(params)
-            self.stop(EndReason.CONTROL_ENDED)
-        except ChannelGone:
-            self.stop(EndReason.CONTROL_GONE)
+            self._trickle_failed(Channel.CONTROL, None)
         except TrickleError as exc:
-            self._error("trickle", str(exc))
-            self.stop(EndReason.TRICKLE_ERROR)
+            self._trickle_failed(Channel.CONTROL, exc)
 
     async def _deadline(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -511,10 +611,8 @@ class Session:
         body = {"stream_id": self.stream_id, **event}
         try:
             await events.send(body, queue_event_type=queue_event_type)
-        except (ChannelGone, ChannelClosed):
-            self.stop(EndReason.OUTPUT_GONE)
         except TrickleError as exc:
-            self._error("trickle", str(exc))
+            self._trickle_failed(Channel.EVENTS, exc)
 
     def _status_event(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -530,11 +628,9 @@ class Session:
                 lines.append(self._data.get_nowait())
             try:
                 await writer.write_lines(b"".join(lines))
-            except (ChannelGone, ChannelClosed):
-                self.stop(EndReason.OUTPUT_GONE)
-                return
             except TrickleError as exc:
-                self._error("trickle", str(exc))
+                if self._trickle_failed(Channel.DATA, exc) is not None:
+                    return
 
     async def _finish(self, *publishers: TricklePublisher | None) -> None:
         """Final event, then DELETE every channel this session publishes."""
@@ -576,9 +672,9 @@ def _since(now: float, moment: float | None) -> float | None:
     return None if moment is None else now - moment
 
 
-def _positive_float(value: Any) -> float | None:
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether the calling thread is running ``loop``."""
     try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if number > 0 else None
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:  # no loop runs in this thread
+        return False

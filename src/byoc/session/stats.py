@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["LatencyWindow", "RateMeter", "SessionStatistics", "percentile"]
+__all__ = ["LatencyWindow", "RateMeter", "SessionStatistics", "TrickleCounts", "percentile"]
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float | None:
@@ -61,6 +61,21 @@ class LatencyWindow:
 
 
 @dataclass(frozen=True, slots=True)
+class TrickleCounts:
+    """What the session's trickle channels recovered from, summed over all of them."""
+
+    retries: int = 0
+    """Requests sent again after a refusal or a failed connection."""
+    restarts: int = 0
+    """Segment bodies that broke off and were read again from where they stopped."""
+    broken_segments: int = 0
+    """Published segments whose upload broke off; the next one went out in a new segment."""
+
+    def as_dict(self) -> dict[str, int]:
+        return {"retries": self.retries, "restarts": self.restarts, "broken_segments": self.broken_segments}
+
+
+@dataclass(frozen=True, slots=True)
 class SessionStatistics:
     """A consistent snapshot of one session, the single source for status, events and metrics."""
 
@@ -85,7 +100,7 @@ class SessionStatistics:
     latency_ms: Mapping[str, float | None]
     last_error: str | None = None
     end_reason: str | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    trickle: TrickleCounts = field(default_factory=TrickleCounts)
 
     @property
     def frames_dropped(self) -> int:
@@ -116,6 +131,7 @@ class SessionStatistics:
             "dropped": dict(self.dropped),
             "errors": dict(self.errors),
             "frame_latency_ms": {k: None if v is None else round(v, 2) for k, v in self.latency_ms.items()},
+            "trickle": self.trickle.as_dict(),
             "last_error": self.last_error,
             "end_reason": self.end_reason,
         }

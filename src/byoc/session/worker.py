@@ -36,12 +36,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class ProcessingStatistics:
-    frames_in: int
     frames_out: int
     frames_dropped_by_processor: int
-    errors: int
     last_error: str | None
-    params_updates: int
 
 
 def to_video_frame(result: Any, source: av.VideoFrame) -> av.VideoFrame | None:
@@ -105,15 +102,11 @@ class ProcessingWorker(Stage):
             processor.on_params,
         )
         self._needs_loop = any(is_async_hook(hook) for hook in hooks)
-        self._frames_in = self._frames_out = self._dropped = self._errors = self._consecutive = (
-            self._updates
-        ) = 0
+        self._frames_out = self._dropped = self._errors = self._consecutive = 0
         self._last_error: str | None = None
 
     def statistics(self) -> ProcessingStatistics:
-        return ProcessingStatistics(
-            self._frames_in, self._frames_out, self._dropped, self._errors, self._last_error, self._updates
-        )
+        return ProcessingStatistics(self._frames_out, self._dropped, self._last_error)
 
     # --- the worker thread ----------------------------------------------------------------------
 
@@ -182,7 +175,6 @@ class ProcessingWorker(Stage):
     async def _handle(self, item: Item) -> None:
         processor, context = self._processor, self._context
         if isinstance(item, VideoItem):
-            self._frames_in += 1
             started = time.perf_counter()
             try:
                 result = await _resolve(processor.process(Frame(item.frame, item.index), context))
@@ -208,7 +200,6 @@ class ProcessingWorker(Stage):
                 self._emit(AudioItem(result))
         elif isinstance(item, ParamsItem):
             context.params.update(item.params)
-            self._updates += 1
             try:
                 await _resolve(processor.on_params(context, item.params))
             except Exception as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from byoc.trickle.channels import ControlReader, DataWriter, EventsWriter
 from byoc.trickle.client import TrickleClientSettings, create_client_session
+from byoc.trickle.layout import StreamChannels
 from byoc.trickle.protocol import RetryPolicy
 from byoc.trickle.publisher import PublishSegment, TricklePublisher
 from byoc.trickle.subscriber import SubscribedSegment, TrickleSubscriber
@@ -14,6 +15,7 @@ __all__ = [
     "EventsWriter",
     "PublishSegment",
     "RetryPolicy",
+    "StreamChannels",
     "SubscribedSegment",
     "TrickleClientSettings",
     "TricklePublisher",

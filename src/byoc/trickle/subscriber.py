@@ -188,32 +188,14 @@ class TrickleSubscriber:
             self._current = None
         if self._ended:
             return None
-        state = RetryState()
-        while True:
-            seq = self._seq
-            try:
-                response = await self._response_for(seq)
-            except _TRANSPORT_ERRORS as exc:
-                state = await self._backoff(state, f"GET seq {seq}: {exc!r}")
-                continue
-            outcome = classify_get(response.status, response.headers, seq)
-            if isinstance(outcome, SegmentReady):
-                self._seq = outcome.seq + 1
-                self._segments += 1
-                self._start_preconnect(self._seq)
-                self._current = SubscribedSegment(self, outcome.seq, response)
-                return self._current
-            response.close()
-            if isinstance(outcome, JumpToLatest) and outcome.latest != seq:
-                log.info("%s: seq %d is gone, jumping to the live edge %d", self.url, seq, outcome.latest)
-                self._jumps += 1
-                self._seq = outcome.latest
-                continue
-            if isinstance(outcome, JumpToLatest | Retry):
-                state = await self._backoff(state, f"GET seq {seq}: {outcome}")
-                continue
-            self._finish(outcome)
+        got = await self._get()
+        if got is None:
             return None
+        seq, response = got
+        self._seq = seq + 1
+        self._segments += 1
+        self._current = SubscribedSegment(self, seq, response)
+        return self._current
 
     async def aclose(self) -> None:
         """Stop: abandon the current segment and any pre-connected request."""
@@ -286,28 +268,43 @@ class TrickleSubscriber:
     async def _reopen(self, seq: int) -> aiohttp.ClientResponse | None:
         """After a broken body: GET the same seq again. None when the segment is lost."""
         await self._cancel_preconnect()
+        got = await self._get(again=seq)
+        return None if got is None else got[1]
+
+    async def _get(self, *, again: int | None = None) -> tuple[int, aiohttp.ClientResponse] | None:
+        """The one GET loop, for the next segment or (``again``) a segment whose body broke off.
+
+        Transport errors and retryable statuses are retried with the policy's backoff (raising
+        RetriesExhausted when it gives up). A 470 moves to the live edge; one that names the seq
+        asked for is retried, unless that seq is being read again (then it was evicted). Returns the
+        seq that answered and its response, with the following seq pre-connected, or None: at the
+        end of the channel (404 and fatal statuses raise), or when the segment to read again is lost.
+        """
         state = RetryState()
         while True:
+            seq = self._seq if again is None else again
+            what = f"GET seq {seq}" if again is None else f"re-GET seq {seq}"
             try:
-                response = await self._open(seq)
+                response = await self._response_for(seq)
             except _TRANSPORT_ERRORS as exc:
-                state = await self._backoff(state, f"re-GET seq {seq}: {exc!r}")
+                state = await self._backoff(state, f"{what}: {exc!r}")
                 continue
             outcome = classify_get(response.status, response.headers, seq)
-            if isinstance(outcome, SegmentReady):
-                if outcome.seq == seq:
-                    self._start_preconnect(seq + 1)
-                    return response
-                response.close()
-                return None
+            if isinstance(outcome, SegmentReady) and again in (None, outcome.seq):
+                self._start_preconnect(outcome.seq + 1)
+                return outcome.seq, response
             response.close()
-            if isinstance(outcome, Retry):
-                state = await self._backoff(state, f"re-GET seq {seq}: {outcome}")
-                continue
-            if isinstance(outcome, JumpToLatest):
-                log.info("%s: seq %d was evicted before it could be read again", self.url, seq)
+            if isinstance(outcome, SegmentReady):  # another seq answered: the one to read again is gone
+                return None
+            if isinstance(outcome, JumpToLatest) and (again is not None or outcome.latest != seq):
+                log.info("%s: seq %d is gone, jumping to the live edge %d", self.url, seq, outcome.latest)
                 self._jumps += 1
                 self._seq = outcome.latest
-                return None
+                if again is None:
+                    continue
+                return None  # the segment being read again is lost
+            if isinstance(outcome, JumpToLatest | Retry):
+                state = await self._backoff(state, f"{what}: {outcome}")
+                continue
             self._finish(outcome)
             return None

@@ -27,7 +27,6 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +34,11 @@ import av
 
 from byoc.dev.synthetic import SyntheticStream, publish_live
 from byoc.dev.trickle_server import serve_trickle
-from byoc.media.encoder import EncoderSettings, x264_options
+from byoc.media.encoder import EncoderSettings, open_video_encoder
 from byoc.media.ts import first_video_pts
 from byoc.session.stats import percentile
 from byoc.trickle.client import TrickleClientSettings, create_client_session
-from byoc.trickle.protocol import channel_url
+from byoc.trickle.layout import StreamChannels
 from byoc.trickle.publisher import TricklePublisher
 from byoc.trickle.subscriber import TrickleSubscriber
 
@@ -47,6 +46,7 @@ __all__ = ["PipelineReport", "run_pipeline_bench"]
 
 _VIDEO_PID = 0x100
 _CHILD_COMMAND = ["-m", "byoc.dev.bench.pipeline"]
+_STREAM = "b"
 
 
 @dataclass(frozen=True)
@@ -93,12 +93,7 @@ def _raw_cpu_ms_per_frame(data: bytes, settings: EncoderSettings, *, fps: float 
     with av.open(io.BytesIO(data), mode="r") as source:
         video = source.streams.video[0]
         video.codec_context.thread_count = 1
-        encoder = av.CodecContext.create("libx264", "w")
-        assert isinstance(encoder, av.VideoCodecContext)
-        encoder.width, encoder.height, encoder.pix_fmt = settings.width, settings.height, "yuv420p"
-        encoder.time_base, encoder.framerate = Fraction(1, 90000), Fraction(settings.fps, 1)
-        encoder.thread_count = 1
-        encoder.options = x264_options(settings)
+        encoder = open_video_encoder(settings)
         sink = io.BytesIO()
         with av.open(sink, mode="w", format="mpegts") as output:
             stream = output.add_mux_stream(
@@ -136,18 +131,19 @@ async def run_pipeline_bench(seconds: int = 20) -> PipelineReport:
     first_pts = [source.start_pts + k * source.segment_frames * source.frame_ticks for k in range(seconds)]
     settings = EncoderSettings()
     async with serve_trickle() as trickle, create_client_session(TrickleClientSettings()) as http:
-        names = {"subscribe": "b", "publish": "b-out", "control": "b-control", "events": "b-events"}
-        for role, name in names.items():
-            trickle.server.create_channel(
-                name, "video/MP2T" if role in ("subscribe", "publish") else "application/json"
-            )
-        spec = {f"{role}_url": channel_url(trickle.base_url, name) for role, name in names.items()}
+        channels = StreamChannels(_STREAM)
+        for role, name in channels.names().items():
+            trickle.server.create_channel(name, channels.mime_type(role))
+        spec = channels.container_urls(trickle.base_url)
         child = asyncio.create_task(_child_process("--child", json.dumps(spec)))
-        await trickle.server.wait_for_request(lambda r: (r.method, r.channel) == ("GET", "b"), timeout=30)
+        await trickle.server.wait_for_request(
+            lambda r: (r.method, r.channel) == ("GET", channels.name("input")), timeout=30
+        )
         output_ends: dict[int, float] = {}
 
         async def read_output() -> None:
-            async with TrickleSubscriber(spec["publish_url"], session=http, start_seq=0) as subscriber:
+            output = channels.url(trickle.base_url, "output")
+            async with TrickleSubscriber(output, session=http, start_seq=0) as subscriber:
                 async for segment in subscriber:
                     data = await segment.read()
                     pts = first_video_pts(data, _VIDEO_PID)
@@ -155,7 +151,7 @@ async def run_pipeline_bench(seconds: int = 20) -> PipelineReport:
                         output_ends[pts] = time.monotonic()
 
         reader = asyncio.create_task(read_output())
-        publisher = TricklePublisher(spec["subscribe_url"], session=http)
+        publisher = TricklePublisher(channels.url(trickle.base_url, "input"), session=http)
         with tempfile.NamedTemporaryFile(suffix=".ts") as input_file:
             input_file.write(b"".join(b"".join(s) for s in segments))
             input_file.flush()
@@ -214,7 +210,7 @@ async def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
     async with create_client_session(TrickleClientSettings()) as http:
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        session = Session(StreamSpec(stream_id="b", **spec), PassthroughProcessor(), http)
+        session = Session(StreamSpec(stream_id=_STREAM, **spec), PassthroughProcessor(), http)
         run = asyncio.create_task(session.run())
         start = _thread_cpu_s()
         per_thread: dict[str, float] = {}

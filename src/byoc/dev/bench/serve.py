@@ -29,7 +29,7 @@ from byoc.dev.trickle_server import RunningTrickle, serve_trickle
 from byoc.serve.system import cpu_seconds, resident_bytes
 from byoc.session.stats import percentile
 from byoc.trickle.client import TrickleClientSettings, create_client_session
-from byoc.trickle.protocol import channel_url
+from byoc.trickle.layout import StreamChannels
 from byoc.trickle.publisher import TricklePublisher
 
 __all__ = ["ServeReport", "StepReport", "run_serve_bench"]
@@ -90,31 +90,21 @@ async def _step(
     segments: list[list[bytes]],
     seconds: float,
 ) -> StepReport:
-    names = [f"bench{n}-{i}" for i in range(n)]
-    for name in names:
-        for suffix, mime in (("", "video/MP2T"), ("-out", "video/MP2T"), ("-control", "application/json")):
-            trickle.server.create_channel(name + suffix, mime)
-        trickle.server.create_channel(name + "-events", "application/json")
-    for name in names:
-        body = {
-            "gateway_request_id": name,
-            **{
-                f"{role}_url": channel_url(trickle.base_url, name + suffix)
-                for role, suffix in (
-                    ("subscribe", ""),
-                    ("publish", "-out"),
-                    ("control", "-control"),
-                    ("events", "-events"),
-                )
-            },
-            "params": None,
-        }
+    streams = [StreamChannels(f"bench{n}-{i}") for i in range(n)]
+    for channels in streams:
+        for role, name in channels.names().items():
+            trickle.server.create_channel(name, channels.mime_type(role))
+    for channels in streams:
         async with http.post(
-            f"{container.url}/stream/start", json=body, headers={"X-Stream-Id": name}
+            f"{container.url}/stream/start",
+            json=channels.start_body(trickle.base_url),
+            headers={"X-Stream-Id": channels.stream},
         ) as response:
             if response.status != 200:
-                raise RuntimeError(f"start {name}: {response.status} {await response.text()}")
-    publishers = [TricklePublisher(channel_url(trickle.base_url, name), session=http) for name in names]
+                raise RuntimeError(f"start {channels.stream}: {response.status} {await response.text()}")
+    publishers = [
+        TricklePublisher(channels.url(trickle.base_url, "input"), session=http) for channels in streams
+    ]
     warmup = 2.0  # measure after the sessions have settled
     feeding = asyncio.gather(*(publish_live(p, segments) for p in publishers))
     await asyncio.sleep(warmup)

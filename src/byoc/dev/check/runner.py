@@ -527,7 +527,15 @@ def _throughput_item(check: _Check) -> ItemResult:
     steps = check.result.steps
     first_late = next((s.sessions for s in steps if not s.real_time), None)
     real_time = [s.sessions for s in steps if s.real_time]
-    problems = [] if steps and steps[0].real_time else ["even one session is not real-time"]
+    problems = []
+    if not steps:
+        problems.append("no step was measured")
+    elif not steps[0].real_time:
+        one = steps[0]
+        problems.append(
+            f"even one session is not real-time: {min(one.fps, default=0.0):.1f} fps of {_INPUT_FPS:.0f}, "
+            f"{one.dropped_frames} of {one.frames_in} frames dropped"
+        )
     worst = min((min(s.fps, default=0.0) for s in steps), default=0.0)
     summary = (
         f"real-time up to {max(real_time, default=0)} sessions"
@@ -539,7 +547,7 @@ def _throughput_item(check: _Check) -> ItemResult:
         "throughput",
         problems,
         summary,
-        {"max_real_time": max(real_time, default=0), "first_late": first_late},
+        {"max_real_time": max(real_time, default=0), "first_late": first_late, "lowest_fps": worst},
     )
 
 

@@ -222,15 +222,8 @@ class LocalOrchestrator:
         task = asyncio.create_task(self._run(stream), name=f"stream {stream.stream_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        urls = stream.urls
-        answer = {
-            "stream_id": stream.stream_id,
-            "publish_url": urls["input"],  # where an external source publishes (source "none")
-            "subscribe_url": urls["output"],
-            "control_url": urls["control"],
-            "events_url": urls["events"],
-            **({"data_url": urls["data"]} if "data" in urls else {}),
-        }
+        # the gateway's view: an external source (source "none") publishes to publish_url
+        answer = {"stream_id": stream.stream_id, **stream.gateway_urls()}
         headers = {
             f"X-{key.split('_')[0].title()}-Url": value
             for key, value in answer.items()

@@ -1,4 +1,4 @@
-"""Capability registration as go-livepeer's orchestrator does it (protocol.md §1).
+"""Capability registration as go-livepeer's orchestrator does it (docs/protocol.md §1).
 
 ``POST /capability/register``: ``Authorization`` must equal the orchestrator secret byte for byte (no
 ``Bearer``), else 400 ``invalid authorization``; the JSON body is parsed with Go's strictness (a float

@@ -1,7 +1,7 @@
 """One stream as the local orchestrator runs it: channels, the container's start/params/stop, and
 (with the synthetic source) the gateway's side — input, keep-alives, and readers of what comes back.
 
-What the container receives is what go-livepeer's orchestrator sends (protocol.md §2.3 to §2.5): the
+What the container receives is what go-livepeer's orchestrator sends (docs/protocol.md §2.3 to §2.5): the
 start body with ``gateway_request_id``, the channel URLs and ``params``, ``X-Stream-Id``, and
 ``Authorization: Bearer`` when the capability registered a token; the raw update body to
 ``/stream/params``; a plain-text body without Content-Type to ``/stream/stop``.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
 import logging
 import time
@@ -27,11 +28,11 @@ from byoc.errors import ChannelGone, TrickleError
 from byoc.media.ts import count_pes_starts, first_video_pts
 from byoc.session.stats import percentile
 from byoc.trickle.channels import KEEPALIVE
-from byoc.trickle.protocol import channel_url
+from byoc.trickle.layout import StreamChannels
 from byoc.trickle.publisher import TricklePublisher
 from byoc.trickle.subscriber import TrickleSubscriber
 
-__all__ = ["KEEPALIVE_INTERVAL_S", "LocalStream", "StreamRequest"]
+__all__ = ["KEEPALIVE_INTERVAL_S", "LocalStream", "StreamRequest", "StreamState"]
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,11 @@ _START_TIMEOUT_S = 30.0
 _STOP_TIMEOUT_S = 10.0
 _DRAIN_TIMEOUT_S = 2.0  # how long the readers get to see the container close its channels
 
-_CHANNELS = {  # role -> (suffix, MIME type), as go-livepeer names and types them (protocol.md §2.2)
-    "input": ("", "video/MP2T"),
-    "output": ("-out", "video/MP2T"),
-    "control": ("-control", "application/json"),
-    "events": ("-events", "application/json"),
-    "data": ("-data", "application/jsonl"),
-}
+
+class StreamState(enum.StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    ENDED = "ended"
 
 
 @dataclass(frozen=True)
@@ -90,10 +89,10 @@ class LocalStream:
         self.capability = capability
         self._trickle = trickle
         self._http = http
-        roles = [role for role in _CHANNELS if role != "data" or request.data]
-        self.channels = {role: self.stream_id + _CHANNELS[role][0] for role in roles}
-        self.urls = {role: channel_url(trickle_url, name) for role, name in self.channels.items()}
-        self.state = "starting"
+        self.channels = StreamChannels(self.stream_id, data=request.data)
+        self._trickle_url = trickle_url
+        self.urls = self.channels.urls(trickle_url)
+        self.state = StreamState.STARTING
         self.end_reason: str | None = None
         self.started_at = time.time()
         self._figures = _Figures()
@@ -112,23 +111,16 @@ class LocalStream:
 
     def start_body(self) -> dict[str, Any]:
         """The body go-livepeer's orchestrator posts to ``{url}/stream/start``."""
-        urls = self.urls
-        body: dict[str, Any] = {
-            "gateway_request_id": self.stream_id,
-            "control_url": urls["control"],
-            "events_url": urls["events"],
-            "subscribe_url": urls["input"],
-            "publish_url": urls["output"],
-        }
-        if "data" in urls:
-            body["data_url"] = urls["data"]
-        body["params"] = self.request.params
-        return body
+        return self.channels.start_body(self._trickle_url, self.request.params)
+
+    def gateway_urls(self) -> dict[str, str]:
+        """The channel URLs as the gateway uses them (it publishes the input, subscribes to the output)."""
+        return self.channels.gateway_urls(self._trickle_url)
 
     async def start(self) -> tuple[int, bytes]:
         """Create the channels and ask the container to start; on failure everything is undone."""
-        for role, name in self.channels.items():
-            self._trickle.create_channel(name, _CHANNELS[role][1])
+        for role, name in self.channels.names().items():
+            self._trickle.create_channel(name, self.channels.mime_type(role))
         status, body = 0, b""
         try:
             async with asyncio.timeout(_START_TIMEOUT_S):
@@ -169,14 +161,14 @@ class LocalStream:
         self._stopping.set()
 
     def _close_channels(self) -> None:
-        for name in self.channels.values():
+        for name in self.channels.names().values():
             self._trickle.close_channel(name)
 
     # --- running --------------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Until the duration elapses, a stop, or the container ends the stream; then clean up."""
-        self.state = "running"
+        self.state = StreamState.RUNNING
         try:
             async with asyncio.TaskGroup() as tasks:
                 readers = [
@@ -187,7 +179,7 @@ class LocalStream:
                     *readers,
                     tasks.create_task(self._keepalive(), name=f"{self.stream_id}:keepalive"),
                 ]
-                if "data" in self.urls:
+                if self.channels.data:
                     watchers.append(tasks.create_task(self._read_data(), name=f"{self.stream_id}:data"))
                 if self.request.source == "synthetic":
                     watchers.append(tasks.create_task(self._feed(), name=f"{self.stream_id}:input"))
@@ -200,7 +192,7 @@ class LocalStream:
                     task.cancel()
         finally:
             self._close_channels()
-            self.state = "ended"
+            self.state = StreamState.ENDED
             self._ended.set()
 
     async def wait_ended(self) -> None:
@@ -233,7 +225,9 @@ class LocalStream:
             await publish_live(publisher, source, on_segment=segment_done)
 
     async def _keepalive(self) -> None:
-        publisher = TricklePublisher(self.urls["control"], session=self._http, mime_type="application/json")
+        publisher = TricklePublisher(
+            self.urls["control"], session=self._http, mime_type=self.channels.mime_type("control")
+        )
         message = json.dumps(dict(KEEPALIVE)).encode()
         with contextlib.suppress(TrickleError):
             while True:

@@ -1,0 +1,107 @@
+"""The runtime as the API sees it: the one place where API requests cross over to the main loop.
+
+Sessions and the session manager are mutated only on the runtime's main loop (docs/architecture.md).
+:class:`RuntimeControl` implements :class:`byoc.serve.api.Control` for the API thread: each command —
+start, parameter update, stop — runs on the main loop through byoc.threads.run_on_loop, and the API
+thread awaits its result; each read — status, health, metrics — takes a snapshot at once without
+waiting for the main loop (so ``/health`` answers while it is busy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from byoc.errors import SessionNotFound
+from byoc.serve.api import ApiSettings
+from byoc.serve.config import Settings
+from byoc.serve.health import HealthView
+from byoc.serve.manager import SessionManager
+from byoc.serve.metrics import RuntimeMetrics
+from byoc.session.stats import SessionStatistics
+from byoc.spec import EndReason, StreamSpec
+from byoc.threads import run_on_loop
+
+__all__ = ["RuntimeControl", "api_settings"]
+
+
+def api_settings(settings: Settings) -> ApiSettings:
+    """The part of the runtime's settings the API uses."""
+    return ApiSettings(
+        token=settings.token,
+        max_body_bytes=settings.max_body_bytes,
+        health_style=settings.health_style,
+        capability=settings.capability_name,
+        processor=settings.processor,
+    )
+
+
+class RuntimeControl:
+    """:class:`byoc.serve.api.Control` over a session manager that lives on ``main_loop``."""
+
+    def __init__(
+        self,
+        manager: SessionManager,
+        main_loop: asyncio.AbstractEventLoop,
+        *,
+        settings: ApiSettings,
+        health: Callable[[], HealthView],
+        metrics: RuntimeMetrics,
+    ) -> None:
+        self._manager = manager
+        self._main = main_loop
+        self._settings = settings
+        self._health = health
+        self._metrics = metrics
+
+    @property
+    def settings(self) -> ApiSettings:
+        return self._settings
+
+    # --- commands: run on the main loop ---------------------------------------------------------
+
+    async def start(self, spec: StreamSpec) -> str:
+        return await run_on_loop(self._main, self._start(spec))
+
+    async def update_params(self, stream_id: str | None, params: Mapping[str, Any]) -> str:
+        return await run_on_loop(self._main, self._update_params(stream_id, dict(params)))
+
+    async def stop(self, stream_id: str | None) -> str | None:
+        return await run_on_loop(self._main, self._stop(stream_id))
+
+    async def _start(self, spec: StreamSpec) -> str:
+        return (await self._manager.start(spec)).stream_id
+
+    async def _update_params(self, stream_id: str | None, params: dict[str, Any]) -> str:
+        session = self._manager.resolve(stream_id)
+        if session is None:
+            raise SessionNotFound(
+                f"no session {stream_id!r}" if stream_id else "no stream id given and not one session"
+            )
+        session.update_params(params)
+        return session.stream_id
+
+    async def _stop(self, stream_id: str | None) -> str | None:
+        session = self._manager.resolve(stream_id)
+        if session is None:
+            return None
+        self._manager.stop(session.stream_id, EndReason.STOPPED)
+        return session.stream_id
+
+    # --- reads: snapshots, taken on the calling thread ------------------------------------------
+
+    def status(self, stream_id: str) -> SessionStatistics:
+        return self._manager.get(stream_id).statistics()
+
+    def statuses(self) -> list[SessionStatistics]:
+        return self._manager.statistics()
+
+    def health(self) -> HealthView:
+        return self._health()
+
+    def render_metrics(self) -> bytes:
+        return self._metrics.render()
+
+    def count_error(self, kind: str) -> None:
+        self._metrics.error(kind)

@@ -1,0 +1,73 @@
+"""The layout's rules (docs/architecture.md), checked on the source: who imports whom; the public API."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import byoc
+
+SRC = Path(byoc.__file__).parent
+
+
+def _imports(path: Path) -> set[str]:
+    """Every byoc module a file imports, at any depth (lazy imports inside functions included)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name == "byoc" or name.startswith("byoc.")}
+
+
+def _modules(package: str) -> list[Path]:
+    return sorted((SRC / package.replace(".", "/")).rglob("*.py"))
+
+
+RULES = [
+    # (package whose files are checked, module prefixes they must never import)
+    ("serve", ("byoc.dev",)),
+    ("session", ("byoc.dev", "byoc.serve")),
+    ("trickle", ("byoc.dev", "byoc.serve", "byoc.session")),
+    ("media", ("byoc.dev", "byoc.serve", "byoc.session", "byoc.processor")),
+    ("builtin", ("byoc.dev", "byoc.serve", "byoc.session")),
+]
+
+
+@pytest.mark.parametrize(("package", "forbidden"), RULES, ids=[rule[0] for rule in RULES])
+def test_imports_point_the_right_way(package: str, forbidden: tuple[str, ...]) -> None:
+    files = _modules(package)
+    assert files, f"no modules under byoc.{package}"
+    wrong = [
+        f"{path.relative_to(SRC)} imports {name}"
+        for path in files
+        for name in sorted(_imports(path))
+        if name.startswith(forbidden)
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("leaf", ["logs.py", "threads.py", "errors.py", "serve/config.py"])
+def test_leaves_import_no_session_and_no_runtime(leaf: str) -> None:
+    allowed = (
+        "byoc.errors",
+        "byoc.spec",
+        "byoc.trickle.client",
+        "byoc.trickle.protocol",
+        "byoc.media.encoder",
+    )
+    imported = _imports(SRC / leaf)
+    assert all(name.startswith(allowed) for name in imported), sorted(imported)
+
+
+def test_the_api_does_not_import_the_runtime() -> None:
+    assert "byoc.serve.runtime" not in _imports(SRC / "serve" / "api.py")
+
+
+def test_the_public_api_is_declared() -> None:
+    assert sorted(byoc.__all__) == ["Frame", "Processor", "SessionContext", "__version__", "load_processor"]
+    for name in byoc.__all__:
+        assert getattr(byoc, name) is not None
