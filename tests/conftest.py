@@ -48,7 +48,7 @@ def _stage_logs_name_their_stream(caplog: pytest.LogCaptureFixture) -> Iterator[
     caplog.handler.removeFilter(stream_ids)
     anonymous = [
         f"{record.threadName}: {record.getMessage()}"
-        for record in caplog.records
+        for record in caplog.get_records("call")
         if (record.threadName or "").startswith(_STAGE_THREADS) and getattr(record, "stream_id", "-") == "-"
     ]
     assert not anonymous, f"stage log lines without a stream id: {anonymous}"
