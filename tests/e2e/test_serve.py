@@ -140,6 +140,8 @@ async def test_four_sessions_admission_routing_and_metrics(
         reached = 0
         for h in first_four:
             await h.readers_done()
+            types = [e["event"].get("type") for e in h.events]
+            assert "statistics" in h.events[-1]["event"], (h.name, types, h.reader_errors)
             statistics = h.events[-1]["event"]["statistics"]
             # s0 was stopped, so its input was cut; the others read their input to the end
             reached += assert_every_frame_accounted(statistics, None if h is first_four[0] else 45)

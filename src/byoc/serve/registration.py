@@ -99,7 +99,7 @@ class CapabilityInfo:
         )
 
     def body(self) -> dict[str, str | int]:
-        """The JSON object ``/capability/register`` expects; ``token`` only when the stream routes need one."""
+        """The JSON object ``/capability/register`` expects; ``token`` only when stream routes need one."""
         body: dict[str, str | int] = {
             "name": self.name,
             "url": self.url,
