@@ -100,6 +100,7 @@ def assert_every_frame_accounted(statistics: Mapping[str, Any], fed: int | None 
     number of frames that reached it."""
     out = statistics["output"]["frames"]
     dropped = dict(statistics["dropped"])
+    assert set(dropped) <= set(DROP_REASONS), f"unknown drop reasons: {set(dropped) - set(DROP_REASONS)}"
     reached = out + sum(dropped.values())
     refused_before_decode = sum(dropped.get(reason, 0) for reason in _DROPPED_BEFORE_INPUT)
     assert statistics["input"]["frames"] + refused_before_decode == reached, (
@@ -112,3 +113,7 @@ def assert_every_frame_accounted(statistics: Mapping[str, Any], fed: int | None 
 
 _DROPPED_BEFORE_INPUT = ("rate_cap", "timestamps")
 """Drop reasons for frames the decoder refuses before they count as input (``input.frames``)."""
+
+DROP_REASONS = ("late", "overflow", "processor", *_DROPPED_BEFORE_INPUT)
+"""Every reason a session counts a dropped frame under: ``late`` and ``overflow`` (byoc.media.queues),
+``processor`` (``process`` returned None), and the decoder's refusals."""

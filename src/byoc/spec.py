@@ -52,7 +52,14 @@ class SessionSettings:
     max_duration_s: float | None = None
     max_consecutive_errors: int = 10
     queue_capacity: int = 8
-    max_frame_age_s: float = 0.1
+    """Video frames each queue between two stages holds; a full queue makes the stage before it wait."""
+    latency_budget_s: float = 0.5
+    """How long after it is due in stream time (its PTS on the wall clock, anchored at the first frame)
+    a frame may still be processed; past it, a frame is late and gives way to a newer one. Bursts are
+    early, so they never use it: it absorbs input jitter and short stalls. Half a second is about 15
+    frames of slack at 30 fps, while a stream that falls further behind stays visibly live."""
+    input_buffer_bytes: int = 2 * 1024 * 1024
+    """Input bytes waiting to be decoded before the session stops reading its input for a while."""
     data_batch_s: float = 0.1
     thread_nice: int = 0
     """Niceness added to the session's decoder, processing and encoder threads (Linux)."""

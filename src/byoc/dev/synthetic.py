@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import io
+import itertools
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Protocol
@@ -29,7 +30,15 @@ class _SegmentPublisher(Protocol):
     def segment(self) -> Any: ...
 
 
-__all__ = ["INDEX_BITS", "LoopingSource", "SyntheticStream", "pattern", "publish_live", "read_frame_index"]
+__all__ = [
+    "DELIVERIES",
+    "INDEX_BITS",
+    "LoopingSource",
+    "SyntheticStream",
+    "pattern",
+    "publish_live",
+    "read_frame_index",
+]
 
 INDEX_BITS = 16
 _ROWS = 2  # the index, then its complement as a check
@@ -224,30 +233,73 @@ def _with_adts_header(packet: av.Packet[Any], rate: int) -> av.Packet[Any]:
     return framed
 
 
+DELIVERIES = ("frames", "spread", "burst", "chunks")
+"""How :func:`publish_live` hands a segment's bytes to the publisher:
+
+* ``frames``: each chunk when its frame is due (the chunks are one frame each, as
+  :meth:`SyntheticStream.segment` returns them): a live encoder writing as it encodes;
+* ``spread``: the segment's bytes in even pieces (one per frame) spread over its duration;
+* ``burst``: the whole segment in one write when it is due: a publisher that writes finished
+  segments, or a gateway catching up after a stall;
+* ``chunks``: the whole segment when it is due, in back-to-back 1 KiB writes.
+"""
+
+_CHUNK_BYTES = 1024
+
+
 async def publish_live(
     publisher: _SegmentPublisher,
     segments: Iterable[list[bytes]],
     *,
     fps: float = 30.0,
     realtime: bool = True,
+    delivery: str = "frames",
+    segment_s: float | None = None,
     clock: Callable[[], float] = time.monotonic,
     on_segment: Callable[[list[bytes], float], None] | None = None,
 ) -> list[float]:
-    """Publish segments as a live encoder would: each frame's bytes when the frame is due.
+    """Publish segments as a live source would: by default each frame's bytes when the frame is due.
 
-    Returns the time (``clock()``) at which each segment was complete (``on_segment`` gets each
-    segment and that time as it happens, for endless sources).
+    ``delivery`` is one of :data:`DELIVERIES`. A segment lasts ``segment_s`` (default: one frame per
+    chunk at ``fps``); segment ``k`` is due ``k`` segment durations after the start. Without
+    ``realtime`` every write goes out at once. Returns the time (``clock()``) at which each segment was
+    complete (``on_segment`` gets each segment and that time as it happens, for endless sources).
     """
+    if delivery not in DELIVERIES:
+        raise ValueError(f"delivery must be one of {', '.join(DELIVERIES)}, got {delivery!r}")
     ends: list[float] = []
     start = clock()
-    frame = 0
+    due = 0.0  # when the current segment starts, in seconds after the start
+
+    async def wait_until(offset: float) -> None:
+        if realtime:
+            await asyncio.sleep(max(0.0, start + offset - clock()))
+
     for chunks in segments:
+        duration = segment_s if segment_s is not None else len(chunks) / fps
         async with publisher.segment() as segment:
-            for chunk in chunks:
-                if realtime:
-                    await asyncio.sleep(max(0.0, start + frame / fps - clock()))
-                await segment.write(chunk)
-                frame += 1
+            if delivery == "frames":
+                for n, chunk in enumerate(chunks):
+                    await wait_until(due + n / fps)
+                    await segment.write(chunk)
+            else:
+                data = b"".join(chunks)
+                if delivery == "spread":
+                    pieces = max(1, round(duration * fps))
+                    bounds = [len(data) * n // pieces for n in range(pieces + 1)]
+                    writes = [
+                        (due + n * duration / pieces, data[a:b])
+                        for n, (a, b) in enumerate(itertools.pairwise(bounds))
+                    ]
+                elif delivery == "burst":
+                    writes = [(due, data)]
+                else:
+                    writes = [(due, data[i : i + _CHUNK_BYTES]) for i in range(0, len(data), _CHUNK_BYTES)]
+                for offset, piece in writes:
+                    await wait_until(offset)
+                    if piece:
+                        await segment.write(piece)
+        due += duration
         ends.append(clock())
         if on_segment is not None:
             on_segment(chunks, ends[-1])
@@ -260,11 +312,22 @@ class LoopingSource:
     Each replay moves every timestamp forward by the loop's length, so the stream a consumer sees has
     continuous, increasing timestamps (the frame index drawn in the pixels repeats with the loop). The
     loop is encoded once per process and shared by every source with the same parameters.
+    :meth:`replaying` loops given segments instead (any TS: every PID's timestamps move).
     """
 
     def __init__(self, seconds: int = 4, audio: str | None = None) -> None:
         self._loop, self._loop_ticks = _encoded_loop(seconds, audio)
         self._position = 0
+
+    @classmethod
+    def replaying(cls, segments: Sequence[list[bytes]], ticks: int) -> LoopingSource:
+        """A source that replays ``segments`` (each a list of TS-aligned chunks), each round ``ticks``
+        (90 kHz) later than the one before."""
+        if not segments or ticks <= 0:
+            raise ValueError("a loop needs at least one segment and a positive length")
+        source = cls.__new__(cls)
+        source._loop, source._loop_ticks, source._position = list(segments), ticks, 0
+        return source
 
     def __iter__(self) -> Iterator[list[bytes]]:
         while True:

@@ -1,17 +1,21 @@
 """The decoder stage: every input segment of a session into ONE continuous MPEG-TS demuxer.
 
 It runs on its own thread (PyAV releases the GIL while it decodes). The event loop hands it bytes
-with :meth:`Decoder.feed` (never blocking), marks the end of each trickle segment with
+with :meth:`Decoder.feed`, which waits while ``max_buffered_bytes`` are waiting to be decoded (so the
+input is read no faster than the pipeline takes it), marks the end of each trickle segment with
 :meth:`Decoder.end_segment` and the end of the input with :meth:`Decoder.end`. Decoded frames are
 fitted to the session's size (scaled to cover, centre-cropped), optionally capped to a frame rate,
 given strictly increasing timestamps, and put on the output :class:`StageQueue` together with the
-decoded audio and a :class:`Boundary` after the last frame of every input segment.
+decoded audio and a :class:`Boundary` after the last frame of every input segment. Each frame says
+when it is due in stream time (:class:`StreamClock`); putting a frame waits while the queue is full of
+frames that are not late.
 
 A corrupt or truncated segment costs the frames it damaged and an error count, never the session.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -25,11 +29,12 @@ import av.filter
 
 from byoc.errors import MediaError
 from byoc.media.items import TIME_BASE, AudioItem, Boundary, InputInfo, Item, VideoItem
-from byoc.media.queues import Closed, StageQueue
+from byoc.media.queues import Closed, StageQueue, StreamClock
 from byoc.media.stage import Stage
-from byoc.media.ts import FLUSH_ACCESS_UNIT, first_video_pts, video_flush_packets
+from byoc.media.ts import FLUSH_UNITS, StreamTypeWatch, first_video_pts, video_flush_packets
+from byoc.threads import call_in_loop
 
-__all__ = ["Decoder", "DecoderStatistics", "FrameFitter"]
+__all__ = ["DEFAULT_BUFFERED_BYTES", "Decoder", "DecoderStatistics", "FrameFitter"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,9 @@ _MAX_DEMUX_ERRORS = 1000
 _MAX_FORWARD_JUMP = 10 * 90000  # a larger jump is a discontinuity, not the next frame
 _SEGMENT_END = object()
 _HEAD_BYTES = 64 * 188  # enough of a segment's start to find its first video PES
+_PTS_WRAP = 1 << 33  # MPEG-TS timestamps are 33-bit counts of a 90 kHz clock
+DEFAULT_BUFFERED_BYTES = 2 * 1024 * 1024
+"""Input bytes waiting to be decoded before :meth:`Decoder.feed` waits: a whole 1 s segment at 16 Mbit/s."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,24 +60,50 @@ class DecoderStatistics:
     frames_rejected: int
     """Dropped because their timestamp was missing or went backwards."""
     has_audio: bool
+    frames_late: int = 0
+    """Dropped because they arrived past the latency budget while the input was catching up."""
 
 
-def _is_flush_leftover(packet: av.Packet[Any]) -> bool:
+def _is_flush_leftover(packet: av.Packet[Any], unit: bytes) -> bool:
     size = packet.size
-    unit = len(FLUSH_ACCESS_UNIT)
-    return 0 < size <= 2 * unit and size % unit == 0 and bytes(packet) == FLUSH_ACCESS_UNIT * (size // unit)
+    return 0 < size <= 2 * len(unit) and size % len(unit) == 0 and bytes(packet) == unit * (size // len(unit))
+
+
+def _unwrap(raw: int, near: int | None) -> int:
+    """The timestamp closest to ``near`` whose low 33 bits are the 33-bit ``raw`` read from the bytes."""
+    if near is None:
+        return raw
+    return raw + round((near - raw) / _PTS_WRAP) * _PTS_WRAP
+
+
+def _without_leading(packet: av.Packet[Any], unit: bytes) -> av.Packet[Any]:
+    """``packet`` without the copies of ``unit`` it starts with."""
+    data = bytes(packet)
+    start = 0
+    while unit and data.startswith(unit, start):
+        start += len(unit)
+    if not start:
+        return packet
+    trimmed = av.Packet(data[start:])
+    trimmed.pts, trimmed.dts, trimmed.time_base = packet.pts, packet.dts, packet.time_base
+    return trimmed
 
 
 class _ByteFeed:
     """The file-like object the demuxer reads: bytes fed by the loop, blocking until they come.
 
     At the end of a segment it returns the video flush packet, then — once the demuxer asks for more,
-    which means everything before has been read and decoded — it reports the boundary.
+    which means everything before has been read and decoded — it reports the boundary. The loop waits
+    (:meth:`room`) while more than ``max_bytes`` are waiting to be read.
     """
 
-    def __init__(self, on_boundary: Callable[[int], None]) -> None:
+    def __init__(self, on_boundary: Callable[[int], None], max_bytes: int = DEFAULT_BUFFERED_BYTES) -> None:
         self._chunks: deque[bytes | object] = deque()
         self._cond = threading.Condition()
+        self._max_bytes = max_bytes
+        self._waiting_bytes = 0
+        self._reader_gone = False
+        self._room_waiter: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
         self._buffer = memoryview(b"")
         self._eof = False
         self._on_boundary = on_boundary
@@ -78,18 +112,49 @@ class _ByteFeed:
         self._head = bytearray()
         self._looking_for_pts = False
         self.video_pid: int | None = None
+        self.video_codec = "h264"
+        """The video codec's FFmpeg name: which flush packets (docs in byoc/media/ts.py) fit it."""
+        self.stream_types = StreamTypeWatch()
+        self._offset = 0  # of the next item in the bytes the demuxer reads
         self.resume_pts: int | None = None
         """The PTS of the first video PES after a flush (the demuxer loses it)."""
 
     def put(self, item: bytes | object) -> None:
         with self._cond:
             self._chunks.append(item)
+            if isinstance(item, bytes):
+                self._waiting_bytes += len(item)
             self._cond.notify()
 
     def close(self) -> None:
         with self._cond:
             self._eof = True
             self._cond.notify()
+            self._wake_loop()
+
+    def reader_gone(self) -> None:
+        """The demuxer stopped reading (the decoder ended): nothing waits for room any more."""
+        with self._cond:
+            self._reader_gone = True
+            self._wake_loop()
+
+    async def room(self) -> None:
+        """Return once at most ``max_bytes`` are waiting to be read (or nobody will read them)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._cond:
+                if self._waiting_bytes <= self._max_bytes or self._eof or self._reader_gone:
+                    return
+                ready = asyncio.Event()
+                self._room_waiter = (loop, ready)
+            await ready.wait()
+
+    def _wake_loop(self) -> None:
+        """Wake the loop waiting in :meth:`room` (with the lock held)."""
+        if self._room_waiter is not None:
+            loop, ready = self._room_waiter
+            self._room_waiter = None
+            call_in_loop(loop, ready.set)
 
     def read(self, size: int) -> bytes:
         if not self._buffer:
@@ -111,19 +176,32 @@ class _ByteFeed:
                 if not self._chunks:
                     return None
                 item = self._chunks.popleft()
+                if isinstance(item, bytes):
+                    self._waiting_bytes -= len(item)
+                    if self._waiting_bytes <= self._max_bytes:
+                        self._wake_loop()
             if item is _SEGMENT_END:
                 segment = self._segments_ended
                 self._segments_ended += 1
                 self._head.clear()
-                self._looking_for_pts = self.video_pid is not None
-                if self.video_pid is None:
+                self.stream_types.boundary(self._offset)
+                if self.video_pid is not None:
+                    self.video_codec = self.stream_types.latest(self.video_pid) or self.video_codec
+                flushes = self.video_pid is not None and self.video_codec in FLUSH_UNITS
+                self._looking_for_pts = flushes
+                if not flushes:
                     self._on_boundary(segment)
                     continue
                 self._pending_boundary = segment
-                return video_flush_packets(self.video_pid)
+                assert self.video_pid is not None
+                flush = video_flush_packets(self.video_pid, self.video_codec)
+                self._offset += len(flush)
+                return flush
             assert isinstance(item, bytes)
             if self._looking_for_pts:
                 self._scan_head(item)
+            self.stream_types.scan(item, self._offset)
+            self._offset += len(item)
             return item
 
     def _scan_head(self, data: bytes) -> None:
@@ -181,6 +259,11 @@ class _Timestamps:
         self._last: int | None = None
         self._step = 3000
 
+    @property
+    def offset(self) -> int:
+        """What is added to the input's timestamps (the audio's move with the video's)."""
+        return self._offset
+
     def output_pts(self, pts: int) -> int | None:
         out = pts + self._offset
         last = self._last
@@ -211,8 +294,10 @@ class Decoder(Stage):
         max_fps: float | None = None,
         name: str = "decoder",
         nice: int = 0,
-        on_error: Callable[[str], None] | None = None,
+        on_error: Callable[[str, str | None], None] | None = None,
         on_frame: Callable[[], None] | None = None,
+        max_buffered_bytes: int = DEFAULT_BUFFERED_BYTES,
+        latency_budget_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(name, nice=nice)
@@ -220,22 +305,36 @@ class Decoder(Stage):
         self._on_frame = on_frame or (lambda: None)
         self._fitter = FrameFitter(width, height)
         self.max_fps = max_fps
-        self._on_error = on_error or (lambda kind: None)
+        self._on_error = on_error or (lambda kind, message: None)
         self._clock = clock
-        self._feed = _ByteFeed(self._boundary)
+        self._feed = _ByteFeed(self._boundary, max_buffered_bytes)
+        self._stream_clock = StreamClock(clock=clock)
+        self.latency_budget_s = latency_budget_s
+        """A frame that arrives this long after it was due while the input is catching up (a backlog
+        decoded at once) is dropped at once, counted late (None: never)."""
+        self._late = 0
         self._timestamps = _Timestamps()
         self._last_kept_pts: int | None = None
+        self._last_video_pts: int | None = None
+        self._wrap_shift: int | None = None
+        self._flush_unit = b""
+        self._video_context: av.VideoCodecContext | None = None
         self._bytes_in = self._segments_in = 0
         self._decoded = self._capped = self._rejected = 0
         self._has_audio = False
+        self._audio_errors = 0
+        self._audio_anchor: int | None = None  # the last audio PTS the input gave
+        self._audio_samples = 0  # audio samples since that PTS
 
     # --- called from the event loop -------------------------------------------------------------
 
-    def feed(self, data: bytes) -> None:
-        """Input bytes, in order. Never blocks."""
+    async def feed(self, data: bytes) -> None:
+        """Input bytes, in order. Waits while more than ``max_buffered_bytes`` are waiting to be
+        decoded, until the decoder has taken enough of them (or has ended)."""
         if data:
             self._bytes_in += len(data)
             self._feed.put(bytes(data))
+        await self._feed.room()
 
     def end_segment(self) -> None:
         """The current input segment is complete: release its last frames now."""
@@ -254,6 +353,7 @@ class Decoder(Stage):
             self._capped,
             self._rejected,
             self._has_audio,
+            self._late,
         )
 
     # --- the decoder thread ---------------------------------------------------------------------
@@ -269,7 +369,9 @@ class Decoder(Stage):
         except BaseException as exc:  # reported to the session, which ends with this error
             log.exception("decoder failed")
             self.error = exc
+            self._on_error("decode", str(exc))  # the final event's last_error names the cause
         finally:
+            self._feed.reader_gone()
             self._output.close()
 
     def _decode_all(self) -> None:
@@ -285,6 +387,9 @@ class Decoder(Stage):
             video = container.streams.video[0]
             video.codec_context.thread_count = 1  # one frame in, one frame out; no reorder delay
             self._feed.video_pid = video.id
+            self._feed.video_codec = video.codec_context.name
+            self._flush_unit = FLUSH_UNITS.get(video.codec_context.name, b"")
+            self._video_context = video.codec_context
             streams: list[av.stream.Stream] = [video]
             if container.streams.audio:
                 streams.append(container.streams.audio[0])
@@ -298,32 +403,109 @@ class Decoder(Stage):
                     return
                 except av.error.FFmpegError as exc:
                     demux_errors += 1
-                    self._on_error("decode")
+                    self._on_error("decode", None)
                     log.info("demuxer error %d, continuing: %s", demux_errors, exc)
                     if demux_errors > _MAX_DEMUX_ERRORS:
                         raise MediaError(f"too many demuxer errors, last: {exc}") from exc
 
     def _decode_packet(self, packet: av.Packet[Any], video: av.stream.Stream) -> None:
-        if packet.stream is video and _is_flush_leftover(packet):
+        if packet.stream is video and self._flush_unit and _is_flush_leftover(packet, self._flush_unit):
             return  # flush delimiters with no frame after them (the end of the input)
+        if packet.pts is not None:
+            self._restore_wrapped(packet)
         resume = self._feed.resume_pts
         if resume is not None and packet.stream is video and packet.size:
             if packet.pts is None:
-                packet.pts = packet.dts = resume
+                packet.pts = packet.dts = _unwrap(resume, self._last_video_pts)
                 self._feed.resume_pts = None
             elif packet.pts >= resume:  # this segment's frames kept their timestamps
                 self._feed.resume_pts = None
+        if packet.stream is video and packet.pts is not None:
+            self._last_video_pts = packet.pts
+        if packet.stream is not video:
+            self._audio(packet)
+            return
+        assert self._video_context is not None
+        position = packet.pos
+        codec = self._feed.stream_types.codec_at(position, video.id) if position is not None else None
+        if codec is not None and codec != self._video_context.name:
+            packet = _without_leading(packet, self._flush_unit)  # the old codec's flush delimiters
+            self._switch_codec(codec)
         try:
-            frames: list[object] = [*packet.decode()]
+            frames: list[object] = [*self._video_context.decode(packet)]
         except av.error.FFmpegError as exc:
-            self._on_error("decode")
+            self._on_error("decode", None)
             log.debug("damaged %s packet: %s", packet.stream.type, exc)
             return
         for frame in frames:
             if isinstance(frame, av.VideoFrame):
                 self._video(frame)
-            elif isinstance(frame, av.AudioFrame):
+
+    def _audio(self, packet: av.Packet[Any]) -> None:
+        """Audio that cannot be decoded is dropped as audio (an ``audio_decode`` error); the video goes
+        on. Audio timestamps move with the video's when the decoder re-bases those."""
+        try:
+            frames: list[object] = [*packet.decode()]
+        except Exception as exc:  # no audio problem may end the session
+            self._audio_errors += 1
+            self._on_error("audio_decode", f"audio could not be decoded, it is dropped: {exc}")
+            if self._audio_errors == 1:
+                log.warning("audio could not be decoded, it is dropped: %s", exc)
+            else:
+                log.debug("audio could not be decoded (%d times): %s", self._audio_errors, exc)
+            return
+        offset = self._timestamps.offset
+        for frame in frames:
+            if isinstance(frame, av.AudioFrame):
+                self._time_audio(frame)
+                if offset and frame.pts is not None:
+                    frame.pts += offset
                 self._output.put(AudioItem(frame), droppable=False)
+
+    def _time_audio(self, frame: av.AudioFrame) -> None:
+        """Give every audio frame a PTS (1/90000). One PES carries one PTS for several audio frames,
+        and the demuxer (probing almost nothing) leaves the later ones without: they follow the last
+        frame that had one, sample by sample."""
+        if frame.pts is not None and frame.time_base:
+            frame.pts = round(frame.pts * frame.time_base * 90000)
+            frame.time_base = TIME_BASE
+            self._audio_anchor, self._audio_samples = frame.pts, 0
+        elif self._audio_anchor is not None and frame.sample_rate:
+            frame.pts = self._audio_anchor + self._audio_samples * 90000 // frame.sample_rate
+            frame.time_base = TIME_BASE
+        self._audio_samples += frame.samples
+
+    def _switch_codec(self, codec: str) -> None:
+        """The PMT names another video codec from here on (an encoder restarted with it): decode with
+        a new decoder for it, after taking the frames the old one still holds."""
+        old = self._video_context
+        assert old is not None
+        log.info("the input's video codec changed from %s to %s", old.name, codec)
+        try:
+            held = old.decode(None)
+        except av.error.FFmpegError:
+            held = []
+        for frame in held:
+            if isinstance(frame, av.VideoFrame):
+                self._video(frame)
+        context = av.CodecContext.create(codec, "r")
+        assert isinstance(context, av.VideoCodecContext)
+        context.thread_count = 1
+        self._video_context = context
+        self._flush_unit = FLUSH_UNITS.get(codec, b"")
+
+    def _restore_wrapped(self, packet: av.Packet[Any]) -> None:
+        """Undo FFmpeg's wrap correction: MPEG-TS timestamps are 33-bit counts, never negative, but
+        the demuxer makes those of a stream that starts shortly before the count wraps negative
+        (so they run on across the wrap). Every timestamp, audio and video alike, moves by one wrap:
+        the input's own values, then ever larger ones past the wrap."""
+        assert packet.pts is not None
+        if self._wrap_shift is None:
+            self._wrap_shift = _PTS_WRAP if packet.pts < 0 else 0
+        if self._wrap_shift:
+            packet.pts += self._wrap_shift
+            if packet.dts is not None:
+                packet.dts += self._wrap_shift
 
     def _video(self, frame: av.VideoFrame) -> None:
         if frame.pts is None:
@@ -341,9 +523,15 @@ class Decoder(Stage):
             self._capped += 1
             return
         self._last_kept_pts = pts
-        fitted = self._fitter.fit(frame)
-        fitted.pts, fitted.time_base = pts, TIME_BASE
         index = self._decoded
         self._decoded += 1
-        self._output.put(VideoItem(fitted, index, self._clock()))
+        due = self._stream_clock.arrived(pts)
+        budget = self.latency_budget_s
+        if budget is not None and self._stream_clock.catching_up and self._clock() > due + budget:
+            self._late += 1  # stale input with newer frames right behind it: skip it now
+            self._on_frame()
+            return
+        fitted = self._fitter.fit(frame)
+        fitted.pts, fitted.time_base = pts, TIME_BASE
+        self._output.put(VideoItem(fitted, index, self._clock(), due))
         self._on_frame()

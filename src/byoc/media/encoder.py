@@ -3,10 +3,21 @@
 It runs on its own thread. Video frames are encoded by one libx264 context (no B-frames, zero
 latency, one thread) and audio by one libopus context at 48 kHz; each output segment is its own
 MPEG-TS container, so every segment starts with PAT/PMT and its first video frame is a forced IDR.
-Timestamps pass through unchanged. A segment ends right after the last frame of an input segment (a
-:class:`Boundary`) once it has lasted half of ``segment_s``, and is cut before a frame that would make
-it longer than ``segment_s``. Bytes go to the :class:`OutputSink` as each packet is muxed, so the first
-bytes of a segment leave long before the segment is complete.
+Video timestamps pass through unchanged. A segment ends right after the last frame of an input segment
+(a :class:`Boundary`) once it has lasted half of ``segment_s``, and is cut before a frame that would
+make it longer than ``segment_s``. Bytes go to the :class:`OutputSink` as each packet is muxed, so the
+first bytes of a segment leave long before the segment is complete.
+
+Audio of any input rate and layout is resampled to 48 kHz stereo and cut into 10 ms Opus frames
+(so at most 10 ms, plus the encoder's 6.5 ms look-ahead, waits at a segment's end for the next one).
+Its timestamps come from a sample clock anchored on the first input audio timestamp, which follows the
+input's timestamps across gaps: an Opus packet's PTS is where its audio sat in the input, so the
+input's audio/video offset is kept, and the audio DTS strictly increase within and across segments.
+Audio older than the first video frame is not sent; audio that comes while no segment is open waits
+for the next one. Audio that cannot be resampled, encoded or muxed (a processor's broken frame, say)
+is dropped and counted as an ``audio_encode`` error: it never counts toward the video's
+consecutive-failure limit nor ends the session. If no Opus encoder can be opened, the output has no
+audio.
 """
 
 from __future__ import annotations
@@ -47,7 +58,14 @@ _OUTPUT_OPTIONS = {
     "mpegts_flags": "initial_discontinuity",  # a new container per segment: no continuity errors
 }
 _AUDIO_RATE = 48000
-_MAX_PENDING_AUDIO = 100
+_AUDIO_TIME_BASE = Fraction(1, _AUDIO_RATE)
+_OPUS_FRAME_MS = 10
+_AUDIO_SLACK = _AUDIO_RATE // 50
+"""Input audio timestamps within 20 ms of the sample clock are jitter, not a gap."""
+_MAX_AUDIO_GAP = 10 * _AUDIO_RATE
+"""A larger jump is a discontinuity (the decoder re-bases it), not a gap to keep."""
+_MAX_PENDING_AUDIO_TICKS = 4 * 90000
+"""Audio held while no segment is open; older audio is dropped (and counted)."""
 _MAX_CONSECUTIVE_ERRORS = 30
 
 
@@ -86,6 +104,12 @@ class EncoderStatistics:
     frames_out: int
     segments_out: int
     bytes_out: int
+    audio_frames_in: int = 0
+    audio_seconds_in: float = 0.0
+    audio_packets_out: int = 0
+    audio_seconds_out: float = 0.0
+    audio_frames_dropped: int = 0
+    """Audio frames not sent: older than the first video frame, held too long, or failed."""
 
 
 def open_video_encoder(settings: EncoderSettings) -> av.VideoCodecContext:
@@ -107,10 +131,16 @@ def open_video_encoder(settings: EncoderSettings) -> av.VideoCodecContext:
     return encoder
 
 
-def _ends_before(frame: av.AudioFrame, pts: int) -> bool:
-    if frame.pts is None or frame.time_base != TIME_BASE or not frame.sample_rate:
-        return False
-    return frame.pts + frame.samples * 90000 // frame.sample_rate <= pts
+def _audio_ticks(frame: av.AudioFrame) -> int:
+    """The frame's duration in 90 kHz ticks."""
+    return frame.samples * 90000 // frame.sample_rate if frame.sample_rate else 0
+
+
+def _audio_start(frame: av.AudioFrame) -> int | None:
+    """Where the frame starts on the 48 kHz sample clock (from its timestamp), if it has one."""
+    if frame.pts is None or not frame.time_base:
+        return None
+    return round(frame.pts * frame.time_base * _AUDIO_RATE)
 
 
 class _SegmentWriter:
@@ -140,7 +170,7 @@ class Encoder(Stage):
         name: str = "encoder",
         nice: int = 0,
         on_frame: Callable[[VideoItem], None] | None = None,
-        on_error: Callable[[str], None] | None = None,
+        on_error: Callable[[str, str | None], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(name, nice=nice)
@@ -150,26 +180,45 @@ class Encoder(Stage):
         self._want_audio = False  # until the decoder says the input has audio
         self._first_pts: int | None = None
         self._on_frame = on_frame or (lambda item: None)
-        self._on_error = on_error or (lambda kind: None)
+        self._on_error = on_error or (lambda kind, message: None)
         self._clock = clock
         self._segment_ticks = round(settings.segment_s * 90000)
         self._video: av.VideoCodecContext | None = None
         self._audio: av.AudioCodecContext | None = None
+        self._audio_off = False  # no Opus encoder could be opened: video only
+        self._audio_failures = 0  # in a row (the first of a run is logged as a warning)
         self._resampler: av.AudioResampler | None = None
+        self._resampler_input: tuple[str, str, int] | None = None
+        self._fifo = av.AudioFifo()
+        self._audio_next: int | None = None
+        """The 48 kHz sample clock at the next sample to encode (the first one in the FIFO)."""
+        self._audio_last_dts: int | None = None
         self._reformatter = VideoReformatter()
         self._container: av.container.OutputContainer | None = None
         self._video_stream: av.stream.Stream | None = None
         self._audio_stream: av.stream.Stream | None = None
-        self._pending_audio: deque[av.AudioFrame] = deque(maxlen=_MAX_PENDING_AUDIO)
+        self._pending_audio: deque[av.AudioFrame] = deque()
+        self._pending_ticks = 0
         self._segment = -1
         self._segment_start = 0
         self._last_pts: int | None = None
         self._step = 3000
         self._consecutive_errors = 0
         self._frames_out = self._segments = self._bytes = 0
+        self._audio_in = self._audio_in_ticks = self._audio_dropped = 0
+        self._audio_out = self._audio_out_ticks = 0
 
     def statistics(self) -> EncoderStatistics:
-        return EncoderStatistics(self._frames_out, self._segments, self._bytes)
+        return EncoderStatistics(
+            self._frames_out,
+            self._segments,
+            self._bytes,
+            self._audio_in,
+            self._audio_in_ticks / 90000,
+            self._audio_out,
+            self._audio_out_ticks / 90000,
+            self._audio_dropped,
+        )
 
     # --- the encoder thread ---------------------------------------------------------------------
 
@@ -184,7 +233,7 @@ class Encoder(Stage):
                 if isinstance(item, VideoItem):
                     self._encode_video(item)
                 elif isinstance(item, AudioItem):
-                    self._encode_audio(item.frame)
+                    self._receive_audio(item.frame)
                 elif isinstance(item, Boundary):
                     self._input_segment_ended()
                 elif isinstance(item, InputInfo):
@@ -203,7 +252,7 @@ class Encoder(Stage):
 
     def _error(self, exc: Exception) -> None:
         self._consecutive_errors += 1
-        self._on_error("encode")
+        self._on_error("encode", None)
         log.warning("encoding failed: %s", exc)
         if self._consecutive_errors >= _MAX_CONSECUTIVE_ERRORS:
             raise MediaError(f"{self._consecutive_errors} encoding failures in a row, last: {exc}") from exc
@@ -216,7 +265,14 @@ class Encoder(Stage):
         s = self.settings
         self._video_stream = container.add_mux_stream("h264", rate=s.fps, width=s.width, height=s.height)
         self._video_stream.time_base = TIME_BASE
-        if self._audio is not None:
+        self._audio_stream = None
+        if self._want_audio and not self._audio_off and self._audio is None:
+            try:
+                self._audio = self._audio_encoder()
+            except Exception as exc:  # no audio problem may end the session
+                self._audio_failed(exc)
+                self._audio_off = True
+        if self._audio is not None and not self._audio_off:
             self._audio_stream = container.add_mux_stream("opus", rate=_AUDIO_RATE)
             self._audio_stream.time_base = TIME_BASE
         self._container = container
@@ -236,17 +292,16 @@ class Encoder(Stage):
     def _video_encoder(self) -> av.VideoCodecContext:
         if self._video is None:
             self._video = open_video_encoder(self.settings)
-        if self._want_audio and self._audio is None:
-            self._audio = self._audio_encoder()
         return self._video
 
     def _audio_encoder(self) -> av.AudioCodecContext:
         encoder = av.CodecContext.create("libopus", "w")
         assert isinstance(encoder, av.AudioCodecContext)
         encoder.sample_rate, encoder.layout, encoder.format = _AUDIO_RATE, "stereo", "flt"
-        encoder.time_base = Fraction(1, _AUDIO_RATE)
+        encoder.time_base = _AUDIO_TIME_BASE
         encoder.bit_rate = 96000
-        self._resampler = av.AudioResampler(format="flt", layout="stereo", rate=_AUDIO_RATE, frame_size=960)
+        encoder.options = {"frame_duration": str(_OPUS_FRAME_MS)}
+        encoder.open()
         return encoder
 
     def _encode_video(self, item: VideoItem) -> None:
@@ -282,29 +337,139 @@ class Encoder(Stage):
         self._frames_out += 1
         self._on_frame(item)
         if new_segment:
-            while self._pending_audio:
-                self._encode_audio(self._pending_audio.popleft())
+            self._release_audio()
+
+    # --- audio ------------------------------------------------------------------------------------
+
+    def _receive_audio(self, frame: av.AudioFrame) -> None:
+        if not self._want_audio or self._audio_off:
+            return
+        self._audio_in += 1
+        self._audio_in_ticks += _audio_ticks(frame)
+        if self._audio_stream is None or self._container is None:
+            self._pending_audio.append(frame)  # until the next segment opens
+            self._pending_ticks += _audio_ticks(frame)
+            while self._pending_ticks > _MAX_PENDING_AUDIO_TICKS:
+                self._pending_ticks -= _audio_ticks(self._pending_audio.popleft())
+                self._audio_dropped += 1
+            return
+        self._encode_audio(frame)
+
+    def _release_audio(self) -> None:
+        """A segment opened: encode the audio that waited for it."""
+        while self._pending_audio and self._audio_stream is not None and not self._audio_off:
+            frame = self._pending_audio.popleft()
+            self._pending_ticks -= _audio_ticks(frame)
+            self._encode_audio(frame)
+        self._pending_audio.clear()
+        self._pending_ticks = 0
 
     def _encode_audio(self, frame: av.AudioFrame) -> None:
-        if not self._want_audio:
-            return
-        if self._container is None or self._audio is None:
-            self._pending_audio.append(frame)
-            return
-        if self._segment == 0 and self._first_pts is not None and _ends_before(frame, self._first_pts):
-            return  # older than the first video frame
-        assert self._resampler is not None
         try:
-            for resampled in self._resampler.resample(frame):
-                self._mux_audio(self._audio.encode(resampled))
-        except av.error.FFmpegError as exc:
-            self._error(exc)
+            if not self._place(frame):
+                self._audio_dropped += 1
+                return
+            for resampled in self._resample(frame):
+                resampled.pts = None  # the sample clock times it
+                self._fifo.write(resampled)
+            self._encode_fifo(final=False)
+        except Exception as exc:  # no audio problem may end the session
+            self._audio_failed(exc)
+            return
+        self._audio_failures = 0
+
+    def _place(self, frame: av.AudioFrame) -> bool:
+        """Fit the frame onto the sample clock; False when it is not to be sent."""
+        start = _audio_start(frame)
+        if self._audio_next is None:  # the first audio to send
+            first = self._first_pts * _AUDIO_RATE // 90000 if self._first_pts is not None else None
+            if start is None:
+                start = first
+            elif first is not None and start + frame.samples * _AUDIO_RATE // frame.sample_rate <= first:
+                return False  # older than the first video frame
+            self._audio_next = start or 0
+            return True
+        if start is None:
+            return True  # no timestamp: it follows the audio before it
+        gap = start - (self._audio_next + self._fifo.samples)
+        if _AUDIO_SLACK < gap <= _MAX_AUDIO_GAP:  # the input skipped some audio: so does the output
+            if self._fifo.samples:
+                self._pad_fifo()
+                self._encode_fifo(final=False)
+            self._audio_next = start
+        return True
+
+    def _pad_fifo(self) -> None:
+        """Fill the FIFO's last partial Opus frame with silence."""
+        assert self._audio is not None
+        missing = -self._fifo.samples % self._audio.frame_size
+        if missing:
+            silence = av.AudioFrame(format="flt", layout="stereo", samples=missing)
+            silence.sample_rate = _AUDIO_RATE
+            for plane in silence.planes:
+                plane.update(bytes(plane.buffer_size))
+            self._fifo.write(silence)
+
+    def _resample(self, frame: av.AudioFrame | None) -> list[av.AudioFrame]:
+        """``frame`` as 48 kHz stereo float; a new resampler when the input's format changes."""
+        if frame is None:  # the end: what the resampler still holds (a pass-through one holds nothing)
+            flushed = self._resampler.resample(None) if self._resampler is not None else []
+            return [f for f in flushed if f is not None]
+        flushed = []
+        key = (frame.format.name, frame.layout.name, frame.sample_rate)
+        if self._resampler is None or key != self._resampler_input:
+            flushed = self._resample(None)
+            self._resampler = av.AudioResampler(format="flt", layout="stereo", rate=_AUDIO_RATE)
+            self._resampler_input = key
+        try:
+            return [*flushed, *self._resampler.resample(frame)]
+        except Exception:
+            self._resampler = self._resampler_input = None  # the next frame gets a new one
+            raise
+
+    def _encode_fifo(self, *, final: bool) -> None:
+        """Encode every whole Opus frame in the FIFO (and at the end, what is left)."""
+        assert self._audio is not None
+        assert self._audio_next is not None
+        size = self._audio.frame_size
+        while self._fifo.samples >= size or (final and self._fifo.samples):
+            chunk = self._fifo.read(size, partial=final)
+            assert chunk is not None
+            chunk.pts, chunk.time_base = self._audio_next, _AUDIO_TIME_BASE
+            self._audio_next += chunk.samples
+            self._mux_audio(self._audio.encode(chunk))
+        if final:
+            self._mux_audio(self._audio.encode(None))
 
     def _mux_audio(self, packets: list[av.Packet[Any]]) -> None:
-        assert self._container is not None
+        container, stream = self._container, self._audio_stream
+        assert container is not None
+        assert stream is not None
         for packet in packets:
-            packet.stream = self._audio_stream
-            self._container.mux(packet)
+            if packet.pts is None or packet.time_base is None:
+                continue
+            pts = round(packet.pts * packet.time_base * 90000)
+            if self._audio_last_dts is not None and pts <= self._audio_last_dts:
+                continue  # cannot happen on the sample clock; the muxer would refuse it
+            duration = round((packet.duration or 0) * packet.time_base * 90000)
+            packet.pts = packet.dts = pts
+            packet.duration = duration
+            packet.time_base = TIME_BASE
+            packet.stream = stream
+            container.mux(packet)
+            self._audio_last_dts = pts
+            self._audio_out += 1
+            self._audio_out_ticks += duration
+
+    def _audio_failed(self, exc: Exception) -> None:
+        """Audio that failed is dropped as audio: counted, logged, and never the video's failure."""
+        self._audio_failures += 1
+        self._audio_dropped += 1
+        self._on_error("audio_encode", f"audio encoding failed, the audio is dropped: {exc}")
+        if self._audio_failures == 1:
+            log.warning("audio encoding failed, the audio is dropped: %s", exc)
+        else:
+            log.debug("audio encoding failed again (%d in a row): %s", self._audio_failures, exc)
 
     def _input_segment_ended(self) -> None:
         if self._container is None or self._last_pts is None:
@@ -317,8 +482,12 @@ class Encoder(Stage):
             for packet in self._video.encode(None):
                 packet.stream = self._video_stream
                 self._container.mux(packet)
-            if self._audio is not None and self._resampler is not None:
-                for resampled in self._resampler.resample(None):
-                    self._mux_audio(self._audio.encode(resampled))
-                self._mux_audio(self._audio.encode(None))
+            if self._audio_stream is not None and self._audio_next is not None:
+                try:
+                    for resampled in self._resample(None):
+                        resampled.pts = None
+                        self._fifo.write(resampled)
+                    self._encode_fifo(final=True)
+                except Exception as exc:  # no audio problem may end the session
+                    self._audio_failed(exc)
         self._close_segment()

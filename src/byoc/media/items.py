@@ -8,7 +8,7 @@ from typing import Any
 
 import av
 
-__all__ = ["TIME_BASE", "AudioItem", "Boundary", "InputInfo", "Item", "ParamsItem", "VideoItem"]
+__all__ = ["TIME_BASE", "AudioItem", "Boundary", "InputInfo", "Item", "ParamsItem", "VideoItem", "due_of"]
 
 TIME_BASE = Fraction(1, 90000)
 """MPEG-TS time base; video timestamps keep it from input to output."""
@@ -16,11 +16,13 @@ TIME_BASE = Fraction(1, 90000)
 
 @dataclass(slots=True)
 class VideoItem:
-    """A video frame and when it left the decoder (``time.monotonic()``)."""
+    """A video frame, when it left the decoder, and when it is due in stream time (both
+    ``time.monotonic()``; ``due`` from :class:`byoc.media.queues.StreamClock`)."""
 
     frame: av.VideoFrame
     index: int
     decoded_at: float
+    due: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,3 +52,10 @@ class ParamsItem:
 
 
 Item = VideoItem | AudioItem | Boundary | InputInfo | ParamsItem
+
+
+def due_of(item: Item) -> float:
+    """When a video frame is due in stream time (a queue asks this only of the video frames)."""
+    if not isinstance(item, VideoItem):
+        raise TypeError(f"only video frames have a due time, not {type(item).__name__}")
+    return item.due

@@ -12,14 +12,21 @@ last access unit. That releases every frame of the segment at once.
 The access unit started by the second delimiter takes the next real frame's data but not its timestamp, so
 the first frame after a flush comes out without a PTS; :func:`first_video_pts` reads the PTS of the
 next segment's first video PES from its bytes so the decoder can restore it.
+
+HEVC gets its own access unit delimiter and MPEG-2 a sequence end code instead (:data:`FLUSH_UNITS`);
+H.264 bytes would be damaged data to those decoders. :class:`StreamTypeWatch` follows the PMT, so a
+codec that changes mid-stream (an encoder restarted with another one) gets a decoder of its own.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "FLUSH_ACCESS_UNIT",
+    "FLUSH_UNITS",
     "PACKET_SIZE",
+    "STREAM_TYPES",
     "SYNC_BYTE",
+    "StreamTypeWatch",
     "count_pes_starts",
     "first_video_pts",
     "shift_timestamps",
@@ -34,20 +41,29 @@ SYNC_BYTE = 0x47
 FLUSH_ACCESS_UNIT = b"\x00\x00\x00\x01\x09\xf0"
 """An H.264 access unit delimiter NAL, all that a flush packet carries."""
 
-# A complete PES (stream id 0xE0, PES_packet_length 9, no PTS) with one H.264 AUD NAL.
-_AUD_PES = b"\x00\x00\x01\xe0\x00\x09\x80\x00\x00" + FLUSH_ACCESS_UNIT
+FLUSH_UNITS = {
+    "h264": FLUSH_ACCESS_UNIT,
+    "hevc": b"\x00\x00\x00\x01\x46\x01\x50",  # an HEVC access unit delimiter NAL
+    "mpeg2video": b"\x00\x00\x01\xb7",  # a sequence end code: the parser lets the last picture go
+    "mpeg1video": b"\x00\x00\x01\xb7",
+}
+"""What a flush packet carries, by the video codec's FFmpeg name; other codecs get no flush packets."""
 
 
-def video_flush_packets(pid: int) -> bytes:
-    """Two TS packets on ``pid``, each carrying only an access unit delimiter (see the module docstring)."""
+def video_flush_packets(pid: int, codec: str = "h264") -> bytes:
+    """Two TS packets on ``pid``, each carrying only an access unit delimiter (see the module docstring),
+    or the codec's equivalent (:data:`FLUSH_UNITS`)."""
     if not 0 <= pid < 0x1FFF:
         raise ValueError(f"invalid PID {pid}")
-    stuffing = PACKET_SIZE - 4 - 1 - len(_AUD_PES)  # header, adaptation_field_length, PES
+    unit = FLUSH_UNITS[codec]
+    # A complete PES (stream id 0xE0, PES_packet_length set, no PTS) with just that unit.
+    pes = b"\x00\x00\x01\xe0" + (3 + len(unit)).to_bytes(2, "big") + b"\x80\x00\x00" + unit
+    stuffing = PACKET_SIZE - 4 - 1 - len(pes)  # header, adaptation_field_length, PES
     # adaptation field: flags (discontinuity_indicator), then stuffing bytes
     adaptation = bytes([stuffing, 0x80]) + b"\xff" * (stuffing - 1)
     # sync, payload_unit_start + PID, adaptation field + payload, continuity counter 0
     header = bytes([SYNC_BYTE, 0x40 | (pid >> 8), pid & 0xFF, 0x30])
-    packet = header + adaptation + _AUD_PES
+    packet = header + adaptation + pes
     assert len(packet) == PACKET_SIZE
     return packet * 2
 
@@ -139,3 +155,95 @@ def shift_timestamps(data: bytes, ticks: int) -> bytes:
                 at = payload + 9 + 5 * index
                 _write_timestamp(out, at, (_read_timestamp(out[at : at + 5]) + ticks) % _WRAP)
     return bytes(out)
+
+
+STREAM_TYPES = {0x01: "mpeg1video", 0x02: "mpeg2video", 0x1B: "h264", 0x24: "hevc"}
+"""The PMT's video stream types, by the codec's FFmpeg name."""
+
+
+def _crc32_mpeg2(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte << 24
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x04C11DB7 if crc & 0x80000000 else crc << 1) & 0xFFFFFFFF
+    return crc
+
+
+class StreamTypeWatch:
+    """Follows the PAT and PMT of TS bytes as they go to a demuxer: from which byte offset on the PMT
+    names which video codec for a PID. FFmpeg's demuxer switches its parser when the PMT changes a
+    stream's type (an encoder restarted with another codec) but a decoder opened for the old codec
+    does not know; the offsets tie the change to the demuxed packets (``Packet.pos``).
+
+    A change in a segment's head (before any packet of a stream the PMT lists) counts from the
+    segment's boundary: the demuxer dates the segment's first frame from the flush packets before it.
+    Only sections that start and end in one TS packet with a valid CRC count (a PMT of a few streams).
+    """
+
+    def __init__(self) -> None:
+        self._carry = b""
+        self._head_of: int | None = 0
+        self._pmt_pids: set[int] = set()
+        self._latest: dict[int, str] = {}
+        self._current: dict[int, str] = {}
+        self._changes: list[tuple[int, int, str]] = []
+
+    def scan(self, data: bytes, offset: int) -> None:
+        """``data``, which starts at byte ``offset`` of the stream."""
+        data, start, at = self._carry + data, offset - len(self._carry), 0
+        while at + PACKET_SIZE <= len(data):
+            if data[at] != SYNC_BYTE:
+                found = data.find(SYNC_BYTE, at + 1)
+                at = found if found >= 0 else len(data)
+                continue
+            self._packet(data[at : at + PACKET_SIZE], start + at)
+            at += PACKET_SIZE
+        self._carry = data[at:]
+
+    def boundary(self, offset: int) -> None:
+        """A segment ended at byte ``offset``: the next one starts on a packet boundary."""
+        self._carry = b""
+        self._head_of = offset
+
+    def latest(self, pid: int) -> str | None:
+        """The codec the last PMT scanned names for ``pid``."""
+        return self._latest.get(pid)
+
+    def codec_at(self, offset: int, pid: int) -> str | None:
+        """The codec named for ``pid`` by the last PMT before byte ``offset`` (offsets must not go back)."""
+        while self._changes and self._changes[0][0] <= offset:
+            _, changed, codec = self._changes.pop(0)
+            self._current[changed] = codec
+        return self._current.get(pid)
+
+    def _packet(self, packet: bytes, offset: int) -> None:
+        pid = (packet[1] & 0x1F) << 8 | packet[2]
+        if pid in self._latest:
+            self._head_of = None
+        control = (packet[3] >> 4) & 0x3
+        if (pid != 0 and pid not in self._pmt_pids) or not packet[1] & 0x40 or not control & 0x1:
+            return
+        at = 4 + (1 + packet[4] if control & 0x2 else 0)
+        if at >= PACKET_SIZE:
+            return
+        at += 1 + packet[at]  # pointer_field
+        if at + 12 > PACKET_SIZE:
+            return
+        end = at + 3 + (((packet[at + 1] & 0x0F) << 8) | packet[at + 2])
+        if end > PACKET_SIZE or _crc32_mpeg2(packet[at:end]) != 0:
+            return
+        end -= 4  # the CRC
+        if pid == 0 and packet[at] == 0x00:  # PAT: program_number, program_map_PID
+            for entry in range(at + 8, end - 3, 4):
+                if packet[entry] << 8 | packet[entry + 1]:
+                    self._pmt_pids.add((packet[entry + 2] & 0x1F) << 8 | packet[entry + 3])
+        elif packet[at] == 0x02:  # PMT: stream_type, elementary_PID, ES_info_length, descriptors
+            entry = at + 12 + (((packet[at + 10] & 0x0F) << 8) | packet[at + 11])
+            while entry + 5 <= end:
+                stream = (packet[entry + 1] & 0x1F) << 8 | packet[entry + 2]
+                codec = STREAM_TYPES.get(packet[entry])
+                if codec is not None and self._latest.get(stream) != codec:
+                    self._latest[stream] = codec
+                    self._changes.append((offset if self._head_of is None else self._head_of, stream, codec))
+                entry += 5 + (((packet[entry + 3] & 0x0F) << 8) | packet[entry + 4])

@@ -98,6 +98,11 @@ class Settings:
     status_interval_s: float = _setting(5.0, "seconds between status events of a session")
     max_session_s: float | None = _setting(None, "end a session after this many seconds")
     max_consecutive_errors: int = _setting(10, "processor failures in a row that end a session")
+    latency_budget_ms: float = _setting(
+        500.0,
+        "how long after it is due in stream time a frame may still be processed; later frames give way "
+        "to newer ones (bursts of early frames are held, never dropped)",
+    )
     # --- trickle ---
     insecure_tls: bool = _setting(
         False, "do not verify TLS certificates of the orchestrator (go-livepeer's are self-signed)"
@@ -128,6 +133,8 @@ class Settings:
             problems.append(f"max_sessions must be >= 1, got {self.max_sessions}")
         if self.drain_timeout_s <= 0:
             problems.append(f"drain_timeout_s must be > 0, got {self.drain_timeout_s}")
+        if self.latency_budget_ms <= 0:
+            problems.append(f"latency_budget_ms must be > 0, got {self.latency_budget_ms}")
         try:
             self.encoder()
         except ValueError as exc:
@@ -181,6 +188,7 @@ class Settings:
             drain_timeout_s=self.drain_budget().session_s,
             max_duration_s=self.max_session_s,
             max_consecutive_errors=self.max_consecutive_errors,
+            latency_budget_s=self.latency_budget_ms / 1000.0,
             thread_nice=self.thread_nice,
             trickle=self.trickle(),
         )

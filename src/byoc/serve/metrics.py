@@ -29,6 +29,8 @@ ERROR_TYPES = (
     "decode",
     "process",
     "encode",
+    "audio_decode",
+    "audio_encode",
     "trickle",
     "oom",
     "start",

@@ -40,7 +40,7 @@ import enum
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -50,13 +50,13 @@ from byoc.errors import ChannelClosed, ChannelGone, InvalidRequest, ProcessorErr
 from byoc.logs import current_stream_id
 from byoc.media.decoder import Decoder
 from byoc.media.encoder import Encoder
-from byoc.media.items import Item, ParamsItem, VideoItem
-from byoc.media.queues import Closed, StageQueue
+from byoc.media.items import Item, ParamsItem, VideoItem, due_of
+from byoc.media.queues import DROP_REASONS, Closed, StageQueue
 from byoc.params import check_update
 from byoc.params import max_fps as parse_max_fps
 from byoc.processor import Processor, SessionContext
 from byoc.session.events import final_event, status_event
-from byoc.session.stats import LatencyWindow, RateMeter, SessionStatistics, TrickleCounts
+from byoc.session.stats import AudioCounts, LatencyWindow, RateMeter, SessionStatistics, TrickleCounts
 from byoc.session.worker import ProcessingWorker
 from byoc.spec import EndReason, SessionSettings, StreamSpec
 from byoc.threads import call_in_loop
@@ -65,6 +65,10 @@ from byoc.trickle.publisher import PublishSegment, TricklePublisher
 from byoc.trickle.subscriber import TrickleSubscriber
 
 __all__ = ["Channel", "Session", "SessionObserver", "SessionState", "trickle_failure"]
+
+_EVENT_ONCE = frozenset({"audio_decode", "audio_encode"})
+"""Error kinds that also send one ``error`` event, the first time: the audio is dropped, the video
+and the session go on (the errors counts say how often)."""
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +216,12 @@ class Session:
         self._publishers: list[TricklePublisher] = []
         self.context = SessionContext(spec.stream_id, spec.width, spec.height, dict(spec.params), self)
         self._params = dict(spec.params)
-        self._frames: StageQueue[Item] = StageQueue(capacity=s.queue_capacity, max_age_s=s.max_frame_age_s)
-        self._processed: StageQueue[Item] = StageQueue(capacity=s.queue_capacity, max_age_s=s.max_frame_age_s)
+        self._frames: StageQueue[Item] = StageQueue(
+            capacity=s.queue_capacity, budget_s=s.latency_budget_s, due_of=due_of
+        )
+        self._processed: StageQueue[Item] = StageQueue(
+            capacity=s.queue_capacity, budget_s=s.latency_budget_s, due_of=due_of
+        )
         has_input = spec.subscribe_url is not None
         has_output = has_input and spec.publish_url is not None
         self._decoder: Decoder | None = None
@@ -227,6 +235,8 @@ class Session:
                 nice=s.thread_nice,
                 on_error=self._error,
                 on_frame=self._input_rate.tick,
+                max_buffered_bytes=s.input_buffer_bytes,
+                latency_budget_s=s.latency_budget_s,
             )
         self._worker = ProcessingWorker(
             processor,
@@ -345,10 +355,12 @@ class Session:
 
     def _error(self, kind: str, message: str | None = None) -> None:
         with self._errors_lock:
-            self._errors[kind] = self._errors.get(kind, 0) + 1
+            count = self._errors[kind] = self._errors.get(kind, 0) + 1
             if message:
                 self._last_error = message
         self._observer.error(kind)
+        if count == 1 and kind in _EVENT_ONCE:
+            self.send_event({"type": "error", "kind": kind, "error": message or kind})
 
     def _error_counts(self) -> dict[str, int]:
         with self._errors_lock:
@@ -364,9 +376,10 @@ class Session:
         decoder = self._decoder.statistics() if self._decoder else None
         worker = self._worker.statistics()
         encoder = self._encoder.statistics() if self._encoder else None
+        queued = Counter(self._frames.drop_counts()) + Counter(self._processed.drop_counts())
+        queued["late"] += decoder.frames_late if decoder else 0
         dropped = {
-            "decode_queue": self._frames.dropped,
-            "encode_queue": self._processed.dropped,
+            **{reason: queued[reason] for reason in DROP_REASONS},
             "processor": worker.frames_dropped_by_processor,
             "rate_cap": decoder.frames_capped if decoder else 0,
             "timestamps": decoder.frames_rejected if decoder else 0,
@@ -394,6 +407,15 @@ class Session:
             last_error=self._last_error or worker.last_error,
             end_reason=str(self._reason) if self._reason and self._state is SessionState.ENDED else None,
             trickle=self._trickle_counts(),
+            audio=AudioCounts(
+                encoder.audio_frames_in,
+                encoder.audio_seconds_in,
+                encoder.audio_packets_out,
+                encoder.audio_seconds_out,
+                encoder.audio_frames_dropped,
+            )
+            if encoder
+            else AudioCounts(),
         )
 
     def _trickle_counts(self) -> TrickleCounts:
@@ -531,7 +553,7 @@ class Session:
             async with self._subscriber(url) as subscriber:
                 async for segment in subscriber:
                     async for chunk in segment:
-                        decoder.feed(chunk)
+                        await decoder.feed(chunk)  # waits while the decoder is behind: backpressure
                     decoder.end_segment()
                     if first:
                         first = False

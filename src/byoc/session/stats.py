@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["LatencyWindow", "RateMeter", "SessionStatistics", "TrickleCounts", "percentile"]
+__all__ = ["AudioCounts", "LatencyWindow", "RateMeter", "SessionStatistics", "TrickleCounts", "percentile"]
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float | None:
@@ -76,6 +76,30 @@ class TrickleCounts:
 
 
 @dataclass(frozen=True, slots=True)
+class AudioCounts:
+    """The session's audio: what reached the encoder, what went out as Opus, and what was not sent.
+
+    Audio that could not be decoded or encoded is also counted in ``errors`` (``audio_decode``,
+    ``audio_encode``)."""
+
+    frames_in: int = 0
+    seconds_in: float = 0.0
+    packets_out: int = 0
+    seconds_out: float = 0.0
+    frames_dropped: int = 0
+    """Older than the first video frame, held too long while no segment was open, or failed."""
+
+    def as_dict(self) -> dict[str, int | float]:
+        return {
+            "frames_in": self.frames_in,
+            "seconds_in": round(self.seconds_in, 3),
+            "packets_out": self.packets_out,
+            "seconds_out": round(self.seconds_out, 3),
+            "frames_dropped": self.frames_dropped,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class SessionStatistics:
     """A consistent snapshot of one session, the single source for status, events and metrics."""
 
@@ -101,6 +125,7 @@ class SessionStatistics:
     last_error: str | None = None
     end_reason: str | None = None
     trickle: TrickleCounts = field(default_factory=TrickleCounts)
+    audio: AudioCounts = field(default_factory=AudioCounts)
 
     @property
     def frames_dropped(self) -> int:
@@ -132,6 +157,7 @@ class SessionStatistics:
             "errors": dict(self.errors),
             "frame_latency_ms": {k: None if v is None else round(v, 2) for k, v in self.latency_ms.items()},
             "trickle": self.trickle.as_dict(),
+            "audio": self.audio.as_dict(),
             "last_error": self.last_error,
             "end_reason": self.end_reason,
         }

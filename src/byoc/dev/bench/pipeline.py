@@ -1,16 +1,18 @@
 """``byoc bench pipeline``: what a session costs compared with the bare PyAV work it wraps.
 
-One run does both measurements on the same input (512x512 30 fps H.264, one GOP per 1 s segment):
+One run does both measurements on the same input (``--input``: by default ffmpeg-made 512x512 30 fps
+H.264 with 48 kHz AAC, one GOP per 1 s segment, as gateways send; see :mod:`byoc.dev.bench.inputs`):
 
-* a passthrough session in its own process, fed over loopback trickle at real-time pace; its CPU time
-  is read inside that process from the session's start to its end, so the trickle server, publisher
-  and reader of this benchmark are not counted;
-* the raw loop ``decode -> encode`` of the same bytes with the same encoder settings, at the same live
-  pace, in a second process running at the same time (so both see the same machine load); and once
-  flat out, for reference.
+* a passthrough session in its own process, fed over loopback trickle at real-time pace (``--delivery``
+  spread or burst); its CPU time is read inside that process from the session's start to its end, so
+  the trickle server, publisher and reader of this benchmark are not counted;
+* the raw loop ``decode -> encode`` of the same bytes with the same encoder settings (video to H.264,
+  audio to Opus, as the session does), at the same live pace, in a second process running at the same
+  time (so both see the same machine load); and once flat out, for reference.
 
-It prints CPU milliseconds per frame for both and their ratio, and the added latency of every segment:
-when the output segment was complete minus when the input segment was complete.
+It prints CPU milliseconds per video frame for both and their ratio, the audio the session put out
+beside the video frames, and the added latency of every segment: when the output segment was complete
+minus when the input segment was complete.
 """
 
 from __future__ import annotations
@@ -27,13 +29,24 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import av
 
-from byoc.dev.synthetic import SyntheticStream, publish_live
+from byoc.dev.bench.inputs import (
+    DEFAULT_DELIVERY,
+    DEFAULT_INPUT,
+    DELIVERY_CHOICES,
+    BenchInput,
+    bench_input,
+    choices,
+)
+from byoc.dev.corpus import FfmpegNotFound
+from byoc.dev.synthetic import publish_live
 from byoc.dev.trickle_server import serve_trickle
+from byoc.media.decoder import FrameFitter
 from byoc.media.encoder import EncoderSettings, open_video_encoder
 from byoc.media.ts import first_video_pts
 from byoc.session.stats import percentile
@@ -51,9 +64,15 @@ _STREAM = "b"
 
 @dataclass(frozen=True)
 class PipelineReport:
-    seconds: int
+    input: str
+    delivery: str
+    seconds: float
     frames_in: int
     frames_out: int
+    audio_seconds_in: float
+    audio_packets_out: int
+    audio_seconds_out: float
+    audio_dropped: int
     session_cpu_ms_per_frame: float
     raw_cpu_ms_per_frame: float
     raw_flat_out_cpu_ms_per_frame: float
@@ -69,8 +88,11 @@ class PipelineReport:
             f"{name} {ms:.2f} ms" for name, ms in sorted(self.thread_cpu_ms_per_frame.items())
         )
         return [
-            f"input: {self.seconds} s of 512x512 30 fps H.264 ({self.frames_in} frames), passthrough",
-            f"frames out: {self.frames_out}, dropped: {self.dropped}",
+            f"input: {self.seconds:.2f} s of {self.input} ({self.frames_in} frames), "
+            f"{self.delivery} delivery, passthrough",
+            f"video frames out: {self.frames_out}, dropped: {self.dropped}",
+            f"audio out: {self.audio_packets_out} packets, {self.audio_seconds_out:.2f} s "
+            f"(of {self.audio_seconds_in:.2f} s in), dropped: {self.audio_dropped} frames",
             f"CPU per frame, session: {self.session_cpu_ms_per_frame:.2f} ms ({by_thread})",
             f"CPU per frame, raw PyAV decode+encode: {self.raw_cpu_ms_per_frame:.2f} ms at live pace, "
             f"{self.raw_flat_out_cpu_ms_per_frame:.2f} ms flat out",
@@ -81,11 +103,30 @@ class PipelineReport:
         ]
 
 
+_OPUS_FRAME = 480
+"""10 ms at 48 kHz: the Opus frames the session's encoder makes."""
+
+
+def _opus_encoder() -> av.AudioCodecContext:
+    """The session's audio encoder: Opus, 48 kHz stereo, 96 kb/s, 10 ms frames."""
+    encoder = av.CodecContext.create("libopus", "w")
+    assert isinstance(encoder, av.AudioCodecContext)
+    encoder.sample_rate, encoder.layout, encoder.format = 48000, "stereo", "flt"
+    encoder.time_base = Fraction(1, 48000)
+    encoder.bit_rate = 96000
+    encoder.options = {"frame_duration": "10"}
+    encoder.open()
+    return encoder
+
+
 def _raw_cpu_ms_per_frame(data: bytes, settings: EncoderSettings, *, fps: float | None) -> tuple[float, int]:
     """The bare loop: decode every frame and encode it again with the session's encoder settings.
 
-    With ``fps`` each frame is decoded and encoded when it is due, at the pace of a live stream (work
-    done in bursts with pauses costs more CPU than the same work flat out: cold caches, idle cores).
+    Video frames are fitted to the output size and encoded to H.264; audio, when there is some, is
+    resampled to 48 kHz stereo and encoded to Opus, as the session does. With ``fps`` each video frame
+    is decoded and encoded when it is due, at the pace of a live stream (work done in bursts with pauses
+    costs more CPU than the same work flat out: cold caches, idle cores). Returns CPU ms per video frame
+    and the number of video frames.
     """
     start = time.process_time()
     started = time.monotonic()
@@ -93,23 +134,54 @@ def _raw_cpu_ms_per_frame(data: bytes, settings: EncoderSettings, *, fps: float 
     with av.open(io.BytesIO(data), mode="r") as source:
         video = source.streams.video[0]
         video.codec_context.thread_count = 1
+        audio = source.streams.audio[0] if source.streams.audio else None
         encoder = open_video_encoder(settings)
+        fitter = FrameFitter(settings.width, settings.height)
         sink = io.BytesIO()
         with av.open(sink, mode="w", format="mpegts") as output:
             stream = output.add_mux_stream(
                 "h264", rate=settings.fps, width=settings.width, height=settings.height
             )
-            for frame in source.decode(video):
-                if fps:
-                    time.sleep(max(0.0, started + frames / fps - time.monotonic()))
-                frame.pict_type = av.video.frame.PictureType.NONE
-                for packet in encoder.encode(frame):
-                    packet.stream = stream
-                    output.mux(packet)
-                frames += 1
-            for packet in encoder.encode(None):
-                packet.stream = stream
-                output.mux(packet)
+            sound = output.add_mux_stream("opus", rate=48000) if audio is not None else None
+            opus = _opus_encoder() if audio is not None else None
+            resampler = av.AudioResampler(format="flt", layout="stereo", rate=48000, frame_size=_OPUS_FRAME)
+            next_sample = 0
+
+            def encode_audio(frame: av.AudioFrame | None) -> None:
+                nonlocal next_sample
+                assert opus is not None
+                assert sound is not None
+                for chunk in resampler.resample(frame):
+                    chunk.pts, chunk.time_base = next_sample, opus.time_base
+                    next_sample += chunk.samples
+                    for packet in opus.encode(chunk):
+                        packet.stream = sound
+                        output.mux(packet)
+
+            for packet in source.demux(*(s for s in (video, audio) if s is not None)):
+                if packet.stream is audio:
+                    for sound_frame in packet.decode():
+                        assert isinstance(sound_frame, av.AudioFrame)
+                        encode_audio(sound_frame)
+                    continue
+                for frame in packet.decode():
+                    assert isinstance(frame, av.VideoFrame)
+                    if fps:
+                        time.sleep(max(0.0, started + frames / fps - time.monotonic()))
+                    frame = fitter.fit(frame)
+                    frame.pict_type = av.video.frame.PictureType.NONE
+                    for out in encoder.encode(frame):
+                        out.stream = stream
+                        output.mux(out)
+                    frames += 1
+            for out in encoder.encode(None):
+                out.stream = stream
+                output.mux(out)
+            if opus is not None and sound is not None:
+                encode_audio(None)
+                for out in opus.encode(None):
+                    out.stream = sound
+                    output.mux(out)
     return (time.process_time() - start) * 1000 / max(frames, 1), frames
 
 
@@ -125,10 +197,16 @@ async def _child_process(*args: str) -> dict[str, Any]:
     return report
 
 
-async def run_pipeline_bench(seconds: int = 20) -> PipelineReport:
-    source = SyntheticStream()
-    segments = [source.segment() for _ in range(seconds)]
-    first_pts = [source.start_pts + k * source.segment_frames * source.frame_ticks for k in range(seconds)]
+async def run_pipeline_bench(
+    seconds: float = 20, *, input_name: str = DEFAULT_INPUT, delivery: str = DEFAULT_DELIVERY
+) -> PipelineReport:
+    """Both measurements on ``seconds`` of input ``input_name`` (see :mod:`byoc.dev.bench.inputs`),
+    published with ``delivery`` (``spread`` or ``burst``)."""
+    if delivery not in DELIVERY_CHOICES:
+        raise ValueError(f"delivery must be one of {', '.join(DELIVERY_CHOICES)}, got {delivery!r}")
+    source: BenchInput = await asyncio.to_thread(bench_input, input_name, seconds)
+    segments = source.segments
+    first_pts = [first_video_pts(b"".join(chunks), _VIDEO_PID) for chunks in segments]
     settings = EncoderSettings()
     async with serve_trickle() as trickle, create_client_session(TrickleClientSettings()) as http:
         channels = StreamChannels(_STREAM)
@@ -156,8 +234,14 @@ async def run_pipeline_bench(seconds: int = 20) -> PipelineReport:
             input_file.write(b"".join(b"".join(s) for s in segments))
             input_file.flush()
             # The raw loop runs at the same time, in a process of its own: same machine, same load.
-            raw = asyncio.create_task(_child_process("--raw", input_file.name))
-            input_ends = await publish_live(publisher, segments)
+            raw = asyncio.create_task(_child_process("--raw", input_file.name, "--raw-fps", str(source.fps)))
+            input_ends = await publish_live(
+                publisher,
+                segments,
+                fps=source.fps,
+                delivery=source.delivery(delivery),
+                segment_s=source.segment_s,
+            )
             await publisher.close()
             report, raw_report = await asyncio.gather(child, raw)
         await reader
@@ -165,14 +249,21 @@ async def run_pipeline_bench(seconds: int = 20) -> PipelineReport:
     latencies = sorted(
         (output_ends[pts] - end) * 1000
         for pts, end in zip(first_pts, input_ends, strict=True)
-        if pts in output_ends
+        if pts is not None and pts in output_ends
     )
     raw_ms, raw_frames = raw_report["cpu_ms_per_frame"], raw_report["frames"]
     session_ms = report["cpu_s"] * 1000 / max(report["frames_out"], 1)
+    audio = report["audio"]
     return PipelineReport(
-        seconds=seconds,
+        input=source.description,
+        delivery=delivery,
+        seconds=round(source.seconds, 3),
         frames_in=raw_frames,
         frames_out=report["frames_out"],
+        audio_seconds_in=audio["seconds_in"],
+        audio_packets_out=audio["packets_out"],
+        audio_seconds_out=audio["seconds_out"],
+        audio_dropped=audio["frames_dropped"],
         session_cpu_ms_per_frame=round(session_ms, 3),
         raw_cpu_ms_per_frame=round(raw_ms, 3),
         raw_flat_out_cpu_ms_per_frame=round(flat_out_ms, 3),
@@ -225,6 +316,7 @@ async def _child(spec: dict[str, Any]) -> dict[str, Any]:
         "cpu_s": after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime,
         "frames_out": stats.frames_out,
         "dropped": stats.frames_dropped,
+        "audio": stats.audio.as_dict(),
         "frame_latency_ms_p50": None
         if stats.latency_ms["p50"] is None
         else round(stats.latency_ms["p50"], 2),
@@ -233,19 +325,38 @@ async def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="byoc bench pipeline")
-    parser.add_argument("--seconds", type=int, default=20)
+    parser.add_argument("--seconds", type=float, default=20, help="seconds of input (whole segments)")
+    parser.add_argument(
+        "--input",
+        default=DEFAULT_INPUT,
+        choices=choices(),
+        help=f"a corpus case made by ffmpeg, looped (default {DEFAULT_INPUT}: H.264 + AAC, as gateways "
+        "send), or synthetic (byoc's own video-only test pattern)",
+    )
+    parser.add_argument(
+        "--delivery",
+        default=DEFAULT_DELIVERY,
+        choices=DELIVERY_CHOICES,
+        help="spread: each segment's bytes spread over its duration; burst: the whole segment in one "
+        "write when it is due",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--raw", help=argparse.SUPPRESS)
+    parser.add_argument("--raw-fps", type=float, default=30.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(asyncio.run(_child(json.loads(args.child)))))
         return 0
     if args.raw:
-        ms, frames = _raw_cpu_ms_per_frame(Path(args.raw).read_bytes(), EncoderSettings(), fps=30.0)
+        ms, frames = _raw_cpu_ms_per_frame(Path(args.raw).read_bytes(), EncoderSettings(), fps=args.raw_fps)
         print(json.dumps({"cpu_ms_per_frame": ms, "frames": frames}))
         return 0
-    report = asyncio.run(run_pipeline_bench(args.seconds))
+    try:
+        report = asyncio.run(run_pipeline_bench(args.seconds, input_name=args.input, delivery=args.delivery))
+    except FfmpegNotFound as exc:
+        print(f"byoc bench pipeline: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(asdict(report)) if args.json else "\n".join(report.lines()))
     return 0
 

@@ -1,15 +1,17 @@
 """``byoc bench serve``: how many real-time sessions one ``byoc serve`` process sustains.
 
 It starts ``byoc serve`` as a subprocess and a trickle server in this process, then for each step N
-(1, 2, 4, …) starts N sessions through ``/stream/start``, feeds each a 512x512 30 fps H.264 stream at
-real-time pace, and measures in the container:
+(1, 2, 4, …) starts N sessions through ``/stream/start``, feeds each the same input at real-time pace
+(``--input``: by default ffmpeg-made 512x512 30 fps H.264 with AAC, as gateways send; ``--delivery``
+spread or burst; see :mod:`byoc.dev.bench.inputs`), and measures in the container:
 
 * output frames per second of every session (from ``/stream/status``) and the frames it dropped;
+* the video frames and the audio (Opus packets, seconds) all sessions put out while measured;
 * CPU milliseconds per output frame and resident memory of the container process (from /proc);
 * ``/health`` latency, polled at 20 Hz from a separate process (``byoc.dev.bench.probe``).
 
 A step is real-time when every session delivers at least 95 % of the input frame rate and drops at
-most 1 % of its frames. It also reports the container's cold start (spawn to ``/health`` 200).
+most 1 % of its video frames. It also reports the container's cold start (spawn to ``/health`` 200).
 """
 
 from __future__ import annotations
@@ -20,11 +22,21 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import aiohttp
 
+from byoc.dev.bench.inputs import (
+    DEFAULT_DELIVERY,
+    DEFAULT_INPUT,
+    DELIVERY_CHOICES,
+    BenchInput,
+    bench_input,
+    choices,
+)
 from byoc.dev.children import ByocProcess
-from byoc.dev.synthetic import SyntheticStream, publish_live
+from byoc.dev.corpus import FfmpegNotFound
+from byoc.dev.synthetic import publish_live
 from byoc.dev.trickle_server import RunningTrickle, serve_trickle
 from byoc.serve.system import cpu_seconds, resident_bytes
 from byoc.session.stats import percentile
@@ -34,7 +46,6 @@ from byoc.trickle.publisher import TricklePublisher
 
 __all__ = ["ServeReport", "StepReport", "run_serve_bench"]
 
-_FPS = 30.0
 _MB = 1024 * 1024
 
 
@@ -44,6 +55,16 @@ class StepReport:
     fps_min: float
     fps_mean: float
     dropped_fraction: float
+    measured_s: float
+    """The window the CPU, frame and audio figures cover."""
+    frames_out: int
+    """Video frames out of all sessions in the window."""
+    audio_packets_out: int
+    """Audio packets out of all sessions in the window."""
+    audio_seconds_out: float
+    """Seconds of audio out of all sessions in the window."""
+    audio_dropped: int
+    """Audio frames all sessions dropped, from their start."""
     cpu_ms_per_frame: float
     cpu_cores: float
     rss_mb: float
@@ -56,6 +77,8 @@ class StepReport:
 @dataclass(frozen=True)
 class ServeReport:
     processor: str
+    input: str
+    delivery: str
     seconds: float
     cold_start_s: float
     base_rss_mb: float
@@ -68,13 +91,17 @@ class ServeReport:
     def lines(self) -> list[str]:
         lines = [
             f"byoc serve {self.processor}: cold start to ready {self.cold_start_s:.2f} s, "
-            f"idle RSS {self.base_rss_mb:.0f} MB; each step {self.seconds:.0f} s of 512x512 30 fps a session",
-            f"{'N':>3} {'fps min':>8} {'fps mean':>9} {'dropped':>8} {'CPU ms/fr':>10} {'cores':>6} "
-            f"{'RSS MB':>7} {'health p50':>11} {'p99':>7}  real-time",
+            f"idle RSS {self.base_rss_mb:.0f} MB; each step {self.seconds:.0f} s a session of {self.input}, "
+            f"{self.delivery} delivery; frames and audio out: all sessions over the measured window",
+            f"{'N':>3} {'fps min':>8} {'fps mean':>9} {'dropped':>8} {'window':>7} {'frames':>7} "
+            f"{'audio pk':>9} {'audio s':>8} {'CPU ms/fr':>10} {'cores':>6} {'RSS MB':>7} {'health p50':>11} "
+            f"{'p99':>7}  real-time",
         ]
         for s in self.steps:
             lines.append(
                 f"{s.sessions:>3} {s.fps_min:>8.1f} {s.fps_mean:>9.1f} {s.dropped_fraction:>7.1%} "
+                f"{s.measured_s:>6.1f}s {s.frames_out:>7} {s.audio_packets_out:>9} "
+                f"{s.audio_seconds_out:>8.2f} "
                 f"{s.cpu_ms_per_frame:>10.2f} {s.cpu_cores:>6.2f} {s.rss_mb:>7.0f} {s.health_p50_ms:>9.1f}ms "
                 f"{s.health_p99_ms:>5.1f}ms  {'yes' if s.real_time else 'NO'}"
             )
@@ -87,7 +114,8 @@ async def _step(
     container: ByocProcess,
     trickle: RunningTrickle,
     http: aiohttp.ClientSession,
-    segments: list[list[bytes]],
+    source: BenchInput,
+    delivery: str,
     seconds: float,
 ) -> StepReport:
     streams = [StreamChannels(f"bench{n}-{i}") for i in range(n)]
@@ -106,10 +134,21 @@ async def _step(
         TricklePublisher(channels.url(trickle.base_url, "input"), session=http) for channels in streams
     ]
     warmup = 2.0  # measure after the sessions have settled
-    feeding = asyncio.gather(*(publish_live(p, segments) for p in publishers))
+    feeding = asyncio.gather(
+        *(
+            publish_live(
+                p,
+                source.segments,
+                fps=source.fps,
+                delivery=source.delivery(delivery),
+                segment_s=source.segment_s,
+            )
+            for p in publishers
+        )
+    )
     await asyncio.sleep(warmup)
     cpu_before, began = cpu_seconds(container.pid), time.monotonic()
-    frames_before = await _frames_out(http, container)
+    before = _totals(await _sessions(http, container))
     probe = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -128,10 +167,10 @@ async def _step(
         except TimeoutError:
             pass
     polled = json.loads((await probe.communicate())[0])
-    async with http.get(f"{container.url}/stream/status") as response:
-        sessions = (await response.json())["sessions"]
+    sessions = await _sessions(http, container)
     cpu, elapsed = cpu_seconds(container.pid) - cpu_before, time.monotonic() - began
-    frames = sum(s["output"]["frames"] for s in sessions) - frames_before
+    after = _totals(sessions)
+    frames, audio_packets, audio_seconds = (b - a for a, b in zip(before, after, strict=True))
     await feeding
     for publisher in publishers:
         await publisher.close()
@@ -146,19 +185,35 @@ async def _step(
         fps_min=min(fps),
         fps_mean=sum(fps) / len(fps),
         dropped_fraction=dropped / decoded,
+        measured_s=round(elapsed, 2),
+        frames_out=int(frames),
+        audio_packets_out=int(audio_packets),
+        audio_seconds_out=round(audio_seconds, 3),
+        audio_dropped=sum(s.get("audio", {}).get("frames_dropped", 0) for s in sessions),
         cpu_ms_per_frame=cpu * 1000 / max(frames, 1),
         cpu_cores=cpu / elapsed,
         rss_mb=rss,
         health_p50_ms=percentile(latencies, 0.5) or 0.0,
         health_p99_ms=percentile(latencies, 0.99) or 0.0,
         health_failures=sum(1 for status in polled["statuses"] if status != 200),
-        real_time=min(fps) >= 0.95 * _FPS and dropped / decoded <= 0.01,
+        real_time=min(fps) >= 0.95 * source.fps and dropped / decoded <= 0.01,
     )
 
 
-async def _frames_out(http: aiohttp.ClientSession, container: ByocProcess) -> int:
+async def _sessions(http: aiohttp.ClientSession, container: ByocProcess) -> list[dict[str, Any]]:
     async with http.get(f"{container.url}/stream/status") as response:
-        return sum(s["output"]["frames"] for s in (await response.json())["sessions"])
+        sessions: list[dict[str, Any]] = (await response.json())["sessions"]
+    return sessions
+
+
+def _totals(sessions: list[dict[str, Any]]) -> tuple[float, float, float]:
+    """Video frames, audio packets and audio seconds out, summed over ``sessions``."""
+    audio = [s.get("audio", {}) for s in sessions]
+    return (
+        sum(s["output"]["frames"] for s in sessions),
+        sum(a.get("packets_out", 0) for a in audio),
+        sum(a.get("seconds_out", 0.0) for a in audio),
+    )
 
 
 async def _active(http: aiohttp.ClientSession, container: ByocProcess) -> int:
@@ -167,10 +222,17 @@ async def _active(http: aiohttp.ClientSession, container: ByocProcess) -> int:
 
 
 async def run_serve_bench(
-    steps: list[int], *, seconds: float = 10.0, processor: str = "passthrough", stop_when_late: bool = True
+    steps: list[int],
+    *,
+    seconds: float = 10.0,
+    processor: str = "passthrough",
+    stop_when_late: bool = True,
+    input_name: str = DEFAULT_INPUT,
+    delivery: str = DEFAULT_DELIVERY,
 ) -> ServeReport:
-    source = SyntheticStream()
-    segments = [source.segment() for _ in range(int(seconds))]
+    if delivery not in DELIVERY_CHOICES:
+        raise ValueError(f"delivery must be one of {', '.join(DELIVERY_CHOICES)}, got {delivery!r}")
+    source = await asyncio.to_thread(bench_input, input_name, seconds)
     async with serve_trickle() as trickle, create_client_session(TrickleClientSettings()) as http:
         container = ByocProcess(
             "serve", processor, "--host", "127.0.0.1", "--port", "0", "--max-sessions", str(max(steps))
@@ -180,9 +242,16 @@ async def run_serve_bench(
             await container.start()
             await container.wait_healthy(http)
             cold_start = time.monotonic() - began
-            report = ServeReport(processor, seconds, cold_start, resident_bytes(container.pid) / _MB)
+            report = ServeReport(
+                processor,
+                source.description,
+                delivery,
+                seconds,
+                cold_start,
+                resident_bytes(container.pid) / _MB,
+            )
             for n in steps:
-                step = await _step(n, container, trickle, http, segments, seconds)
+                step = await _step(n, container, trickle, http, source, delivery, seconds)
                 report.steps.append(step)
                 print(report.lines()[2 + len(report.steps) - 1], file=sys.stderr, flush=True)
                 if stop_when_late and not step.real_time:
@@ -197,15 +266,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", default="1,2,4,6,8,10,12,14", help="the steps, e.g. 1,2,4,8")
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds of input per step")
     parser.add_argument("--processor", default="passthrough")
+    parser.add_argument(
+        "--input",
+        default=DEFAULT_INPUT,
+        choices=choices(),
+        help=f"a corpus case made by ffmpeg, looped (default {DEFAULT_INPUT}: H.264 + AAC, as gateways "
+        "send), or synthetic (byoc's own video-only test pattern)",
+    )
+    parser.add_argument(
+        "--delivery",
+        default=DEFAULT_DELIVERY,
+        choices=DELIVERY_CHOICES,
+        help="spread: each segment's bytes spread over its duration; burst: the whole segment in one "
+        "write when it is due",
+    )
     parser.add_argument("--all-steps", action="store_true", help="go on after a step that is not real-time")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     steps = [int(part) for part in args.sessions.split(",") if part.strip()]
-    report = asyncio.run(
-        run_serve_bench(
-            steps, seconds=args.seconds, processor=args.processor, stop_when_late=not args.all_steps
+    try:
+        report = asyncio.run(
+            run_serve_bench(
+                steps,
+                seconds=args.seconds,
+                processor=args.processor,
+                stop_when_late=not args.all_steps,
+                input_name=args.input,
+                delivery=args.delivery,
+            )
         )
-    )
+    except FfmpegNotFound as exc:
+        print(f"byoc bench serve: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps({**asdict(report), "max_real_time": report.max_real_time}))
     else:
