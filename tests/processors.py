@@ -16,6 +16,15 @@ class Failing(Processor):
         raise RuntimeError(f"cannot process frame {frame.index}")
 
 
+class FailingSometimes(Processor):
+    """Raises on every third frame."""
+
+    def process(self, frame: Frame, session: SessionContext) -> Frame:
+        if frame.index % 3 == 2:
+            raise RuntimeError(f"cannot process frame {frame.index}")
+        return frame
+
+
 class FailingStart(Processor):
     """Refuses to start a session."""
 

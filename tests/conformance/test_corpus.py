@@ -103,16 +103,21 @@ class Reference:
 
 
 def _decoded(data: bytes) -> Reference:
-    frames, audio_s = 0, 0.0
+    """The video frames FFmpeg decodes from ``data``, and the seconds of sound from the first of them on
+    (sound before the first picture has nothing to go with)."""
+    frames, first_video, sounds = 0, None, []
     with av.open(io.BytesIO(data), mode="r") as container:
         streams = [*container.streams.video[:1], *container.streams.audio[:1]]
         for packet in container.demux(streams):
             for frame in packet.decode():
                 if isinstance(frame, av.VideoFrame):
                     frames += 1
+                    if first_video is None and frame.time is not None:
+                        first_video = frame.time
                 elif isinstance(frame, av.AudioFrame):
-                    audio_s += frame.samples / frame.sample_rate
-    return Reference(frames, audio_s)
+                    sounds.append((frame.time or 0.0, frame.samples / frame.sample_rate))
+    start = first_video or 0.0
+    return Reference(frames, sum(length for at, length in sounds if at + length > start))
 
 
 def reference(case: Case, skip: int | None = None) -> Reference:

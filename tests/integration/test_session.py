@@ -20,8 +20,8 @@ from byoc.processor import load_processor
 from byoc.session import Session
 from byoc.spec import EndReason, SessionSettings
 from byoc.trickle import StreamChannels
-from tests.conftest import TEST_CLIENT_SETTINGS
-from tests.processors import Failing, Hanging, Recording
+from tests.conftest import TEST_CLIENT_SETTINGS, assert_every_frame_accounted
+from tests.processors import Failing, FailingSometimes, Hanging, Recording
 from tests.support import (
     PSI_PIDS,
     StreamHarness,
@@ -154,6 +154,22 @@ async def test_slow_processor_drops_frames_but_stays_live(
     assert stats["output"]["frames"] == len(frames) < 90
     assert stats["output"]["frames"] + sum(stats["dropped"].values()) == 90  # every frame accounted for
     assert stats["dropped"]["late"] > 0  # the newest due frame won over the ones it could not take
+
+
+async def test_frames_a_processor_fails_on_are_counted(
+    trickle: RunningTrickle, http: aiohttp.ClientSession
+) -> None:
+    async with StreamHarness(trickle, http) as h:
+        session = Session(h.spec(), FailingSometimes(), http, SETTINGS)
+        run = await _run(session)
+        await h.publish(make_segments(2, frames=15))
+        await h.input.close()
+        assert await asyncio.wait_for(run, 10) == EndReason.INPUT_ENDED
+        await h.readers_done()
+    statistics = h.events[-1]["event"]["statistics"]
+    assert statistics["errors"]["process"] == 10  # frames 2, 5, ..., 29
+    assert statistics["dropped"]["processor"] == 10
+    assert_every_frame_accounted(statistics, 30)
 
 
 async def test_corrupt_segment_costs_frames_not_the_session(

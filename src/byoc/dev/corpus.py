@@ -12,6 +12,7 @@ and switching streams) to the same dictionary.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
@@ -24,6 +25,7 @@ from pathlib import Path
 
 __all__ = [
     "CASES",
+    "HEVC",
     "PTS_WRAP",
     "START_PTS",
     "TS_PACKET",
@@ -115,19 +117,11 @@ class Case:
 
 def later(case: Case, seconds: float) -> Case:
     """``case`` with its timestamps ``seconds`` later (the next part of a stream that goes on)."""
-    return Case(
-        f"{case.name}@{seconds:g}",
-        case.seconds,
-        case.size,
-        case.rate,
-        case.video,
-        case.audio,
-        case.segment_s,
-        (*case.extra, "-output_ts_offset", str(seconds)),
-    )
+    shifted = (*case.extra, "-output_ts_offset", str(seconds))
+    return dataclasses.replace(case, name=f"{case.name}@{seconds:g}", extra=shifted)
 
 
-_HEVC = ("-c:v", "libx265", "-preset", "ultrafast", "-x265-params", "keyint=30:bframes=0:log-level=error")
+HEVC = ("-c:v", "libx265", "-preset", "ultrafast", "-x265-params", "keyint=30:bframes=0:log-level=error")
 
 CASES: dict[str, Case] = {
     case.name: case
@@ -161,7 +155,7 @@ CASES: dict[str, Case] = {
             ),
         ),
         Case("audio-only", video=None),
-        Case("hevc", video=_HEVC),
+        Case("hevc", video=HEVC),
         Case("mpeg2", video=("-c:v", "mpeg2video", "-g", "30", "-bf", "0", "-q:v", "4")),
     )
 }

@@ -180,6 +180,7 @@ class ProcessingWorker(Stage):
                 result = await _resolve(processor.process(Frame(item.frame, item.index), context))
                 frame = to_video_frame(result, item.frame)
             except Exception as exc:
+                self._dropped += 1  # the frame is lost with the failure: counted like a frame it dropped
                 self._failed(exc)
                 return
             self._on_processed(time.perf_counter() - started)
