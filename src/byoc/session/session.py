@@ -14,17 +14,8 @@ session publishes is DELETEd, so the gateway sees the end at once.
 A session is ``starting`` until :meth:`Session.run` has started its tasks, then ``running``, then
 ``ended`` (:class:`SessionState`).
 
-Trickle errors follow one policy, whichever of the five channels they happen on
-(:func:`trickle_failure`; every channel task hands its errors to ``Session._trickle_failed``):
-
-* the end of the input or control channel ends the session: ``input_ended`` / ``control_ended``;
-* a 404 or a closed channel (ChannelGone, ChannelClosed) ends it: ``input_gone``, ``control_gone``,
-  or ``output_gone`` for any channel it publishes (output, events, data). The gateway ended the
-  stream, so this is not counted as an error;
-* any other TrickleError (retries exhausted, a protocol error) is counted as a ``trickle`` error and
-  becomes ``last_error``, naming the channel. On the input, control or output channel it ends the
-  session with ``trickle_error``; on the events or data channel only that event or batch is lost and
-  the session goes on.
+Trickle failures follow one policy, whichever of the five channels they happen on: it is written down
+in :mod:`byoc.session.policy`, and every channel task hands its errors to ``Session._trickle_failed``.
 
 What the trickle clients recovered from on their own — retried requests, segment bodies restarted
 after a break, published segments that broke off — is no error; the statistics report it under
@@ -40,7 +31,7 @@ import enum
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -56,15 +47,18 @@ from byoc.params import check_update
 from byoc.params import max_fps as parse_max_fps
 from byoc.processor import Processor, SessionContext
 from byoc.session.events import final_event, status_event
+from byoc.session.policy import trickle_failure
+from byoc.session.sink import FINISHED, LoopSink, coalesce
 from byoc.session.stats import AudioCounts, LatencyWindow, RateMeter, SessionStatistics, TrickleCounts
 from byoc.session.worker import ProcessingWorker
 from byoc.spec import EndReason, SessionSettings, StreamSpec
 from byoc.threads import call_in_loop
 from byoc.trickle.channels import ControlReader, DataWriter, EventsWriter, encode_data_lines
+from byoc.trickle.layout import Role
 from byoc.trickle.publisher import PublishSegment, TricklePublisher
 from byoc.trickle.subscriber import TrickleSubscriber
 
-__all__ = ["Channel", "Session", "SessionObserver", "SessionState", "trickle_failure"]
+__all__ = ["Session", "SessionObserver", "SessionState"]
 
 _EVENT_ONCE = frozenset({"audio_decode", "audio_encode"})
 """Error kinds that also send one ``error`` event, the first time: the audio is dropped, the video
@@ -77,37 +71,6 @@ class SessionState(enum.StrEnum):
     STARTING = "starting"
     RUNNING = "running"
     ENDED = "ended"
-
-
-class Channel(enum.StrEnum):
-    """The trickle channels of a session, by role."""
-
-    INPUT = "input"
-    CONTROL = "control"
-    OUTPUT = "output"
-    EVENTS = "events"
-    DATA = "data"
-
-
-_ENDED = {Channel.INPUT: EndReason.INPUT_ENDED, Channel.CONTROL: EndReason.CONTROL_ENDED}
-_GONE = {
-    Channel.INPUT: EndReason.INPUT_GONE,
-    Channel.CONTROL: EndReason.CONTROL_GONE,
-    Channel.OUTPUT: EndReason.OUTPUT_GONE,
-    Channel.EVENTS: EndReason.OUTPUT_GONE,
-    Channel.DATA: EndReason.OUTPUT_GONE,
-}
-_ESSENTIAL = frozenset({Channel.INPUT, Channel.CONTROL, Channel.OUTPUT})
-
-
-def trickle_failure(channel: Channel, error: TrickleError | None) -> EndReason | None:
-    """Why the session ends when ``channel`` fails with ``error`` (None: the channel's end of stream);
-    None when the session goes on. The policy is tabled in the module docstring."""
-    if error is None:
-        return _ENDED.get(channel)
-    if isinstance(error, (ChannelGone, ChannelClosed)):
-        return _GONE[channel]
-    return EndReason.TRICKLE_ERROR if channel in _ESSENTIAL else None
 
 
 class SessionObserver(Protocol):
@@ -129,57 +92,6 @@ class _NoObserver:
 
     def error(self, kind: str) -> None:
         pass
-
-
-_FINISHED = object()
-
-
-class _LoopSink:
-    """The encoder's output, handed to the event loop in batches.
-
-    The encoder calls ``write``/``end``/``close`` from its thread; the loop is woken at most once per
-    batch, however many writes happened meanwhile, and takes everything at once with ``take``.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._items: deque[tuple[int, bytes | None] | object] = deque()
-        self._lock = threading.Lock()
-        self._ready = asyncio.Event()
-        self._wake_pending = False
-
-    def write(self, segment: int, data: bytes) -> None:
-        self._push((segment, data))
-
-    def end(self, segment: int) -> None:
-        self._push((segment, None))
-
-    def close(self) -> None:
-        self._push(_FINISHED)
-
-    def _push(self, item: tuple[int, bytes | None] | object) -> None:
-        with self._lock:
-            self._items.append(item)
-            if self._wake_pending:
-                return
-            self._wake_pending = True
-        call_in_loop(self._loop, self._wake)
-
-    def _wake(self) -> None:
-        with self._lock:
-            self._wake_pending = False
-        self._ready.set()
-
-    async def take(self) -> list[tuple[int, bytes | None] | object]:
-        """Everything written since the last call (waits for something)."""
-        while True:
-            with self._lock:
-                if self._items:
-                    items = list(self._items)
-                    self._items.clear()
-                    return items
-                self._ready.clear()
-            await self._ready.wait()
 
 
 class Session:
@@ -251,7 +163,7 @@ class Session:
             on_exit=self._from_thread(self._worker_done.set),
             on_processed=self._observer.processed,
         )
-        self._sink = _LoopSink(self._loop)
+        self._sink = LoopSink(self._loop)
         self._encoder: Encoder | None = None
         if has_output:
             self._encoder = Encoder(
@@ -482,7 +394,7 @@ class Session:
         self._subscribers.append(subscriber)
         return subscriber
 
-    def _trickle_failed(self, channel: Channel, error: TrickleError | None) -> EndReason | None:
+    def _trickle_failed(self, channel: Role, error: TrickleError | None) -> EndReason | None:
         """Apply the trickle policy (:func:`trickle_failure`): count the error, end the session if it
         must; returns the end reason, None when the session goes on."""
         if error is not None and not isinstance(error, (ChannelGone, ChannelClosed)):
@@ -558,9 +470,9 @@ class Session:
                     if first:
                         first = False
                         self.send_event({"type": "receive_first_ingest_segment"}, "stream_trace")
-            self._trickle_failed(Channel.INPUT, None)
+            self._trickle_failed("input", None)
         except TrickleError as exc:
-            self._trickle_failed(Channel.INPUT, exc)
+            self._trickle_failed("input", exc)
         finally:
             decoder.end()
 
@@ -570,8 +482,8 @@ class Session:
         failed = False
         first = True
         while True:
-            for item in _coalesce(await self._sink.take()):
-                if item is _FINISHED:
+            for item in coalesce(await self._sink.take()):
+                if item is FINISHED:
                     if segment is not None:
                         await segment.abort()
                     return
@@ -592,7 +504,7 @@ class Session:
                         first = False
                         self.send_event({"type": "send_first_processed_segment"}, "stream_trace")
                 except TrickleError as exc:
-                    if self._trickle_failed(Channel.OUTPUT, exc) is not None:
+                    if self._trickle_failed("output", exc) is not None:
                         failed = True  # the encoder's remaining output is dropped
                         self._close_queues()
 
@@ -601,9 +513,9 @@ class Session:
             async with self._subscriber(url) as subscriber:
                 async for params in ControlReader(subscriber):
                     self.update_params(params)
-            self._trickle_failed(Channel.CONTROL, None)
+            self._trickle_failed("control", None)
         except TrickleError as exc:
-            self._trickle_failed(Channel.CONTROL, exc)
+            self._trickle_failed("control", exc)
 
     async def _deadline(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -634,7 +546,7 @@ class Session:
         try:
             await events.send(body, queue_event_type=queue_event_type)
         except TrickleError as exc:
-            self._trickle_failed(Channel.EVENTS, exc)
+            self._trickle_failed("events", exc)
 
     def _status_event(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -651,7 +563,7 @@ class Session:
             try:
                 await writer.write_lines(b"".join(lines))
             except TrickleError as exc:
-                if self._trickle_failed(Channel.DATA, exc) is not None:
+                if self._trickle_failed("data", exc) is not None:
                     return
 
     async def _finish(self, *publishers: TricklePublisher | None) -> None:
@@ -670,24 +582,6 @@ class Session:
             if stage is not None and stage.running:  # finishing now, unless it hangs in user code
                 await asyncio.to_thread(stage.join, 1.0)
         log.info("stream %s: ended (%s)", self.stream_id, self._reason)
-
-
-def _coalesce(items: list[tuple[int, bytes | None] | object]) -> list[tuple[int, bytes | None] | object]:
-    """Join consecutive writes to the same segment into one."""
-    out: list[tuple[int, bytes | None] | object] = []
-    for item in items:
-        previous = out[-1] if out else None
-        if (
-            isinstance(item, tuple)
-            and isinstance(previous, tuple)
-            and item[1] is not None
-            and previous[1] is not None
-            and previous[0] == item[0]
-        ):
-            out[-1] = (item[0], previous[1] + item[1])
-        else:
-            out.append(item)
-    return out
 
 
 def _since(now: float, moment: float | None) -> float | None:

@@ -1,0 +1,79 @@
+"""The encoder's output on its way to the event loop: written from the encoder thread, taken in batches."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+
+from byoc.threads import call_in_loop
+
+__all__ = ["FINISHED", "LoopSink", "coalesce"]
+
+FINISHED = object()
+
+
+class LoopSink:
+    """The encoder's output, handed to the event loop in batches.
+
+    The encoder calls ``write``/``end``/``close`` from its thread; the loop is woken at most once per
+    batch, however many writes happened meanwhile, and takes everything at once with ``take``.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._items: deque[tuple[int, bytes | None] | object] = deque()
+        self._lock = threading.Lock()
+        self._ready = asyncio.Event()
+        self._wake_pending = False
+
+    def write(self, segment: int, data: bytes) -> None:
+        self._push((segment, data))
+
+    def end(self, segment: int) -> None:
+        self._push((segment, None))
+
+    def close(self) -> None:
+        self._push(FINISHED)
+
+    def _push(self, item: tuple[int, bytes | None] | object) -> None:
+        with self._lock:
+            self._items.append(item)
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        call_in_loop(self._loop, self._wake)
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._wake_pending = False
+        self._ready.set()
+
+    async def take(self) -> list[tuple[int, bytes | None] | object]:
+        """Everything written since the last call (waits for something)."""
+        while True:
+            with self._lock:
+                if self._items:
+                    items = list(self._items)
+                    self._items.clear()
+                    return items
+                self._ready.clear()
+            await self._ready.wait()
+
+
+def coalesce(items: list[tuple[int, bytes | None] | object]) -> list[tuple[int, bytes | None] | object]:
+    """Join consecutive writes to the same segment into one."""
+    out: list[tuple[int, bytes | None] | object] = []
+    for item in items:
+        previous = out[-1] if out else None
+        if (
+            isinstance(item, tuple)
+            and isinstance(previous, tuple)
+            and item[1] is not None
+            and previous[1] is not None
+            and previous[0] == item[0]
+        ):
+            out[-1] = (item[0], previous[1] + item[1])
+        else:
+            out.append(item)
+    return out
