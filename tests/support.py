@@ -17,6 +17,7 @@ import av
 import numpy as np
 from aiohttp import web
 
+from byoc.dev.orchestrator.registry import CAPABILITY_FIELDS
 from byoc.dev.synthetic import SyntheticStream, read_frame_index
 from byoc.dev.trickle_server import RunningTrickle
 from byoc.errors import ChannelGone
@@ -40,19 +41,6 @@ async def serve_app(app: web.Application) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
-
-
-# The Go struct's fields and JSON types (core.ExternalCapability): a wrong type fails the whole request.
-GO_CAPABILITY_FIELDS: dict[str, type] = {
-    "name": str,
-    "url": str,
-    "capacity": int,
-    "price_per_unit": int,
-    "price_scaling": int,
-    "currency": str,
-    "description": str,
-    "token": str,
-}
 
 
 class Recorded(tuple[str, str, bytes]):
@@ -153,7 +141,7 @@ class FakeOrchestrator:
             data = json.loads(body)
             if not isinstance(data, dict):
                 raise ValueError("body is not an object")
-            for key, kind in GO_CAPABILITY_FIELDS.items():
+            for key, kind in CAPABILITY_FIELDS.items():
                 value = data.get(key, kind())
                 if type(value) is not kind:
                     raise ValueError(f"cannot unmarshal {value!r} into field {key} of type {kind.__name__}")

@@ -17,6 +17,7 @@ one write when it is due.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import io
 import math
@@ -33,6 +34,7 @@ __all__ = [
     "DELIVERY_CHOICES",
     "LOOP_S",
     "BenchInput",
+    "add_arguments",
     "bench_input",
     "choices",
 ]
@@ -68,6 +70,24 @@ class BenchInput:
         if choice not in DELIVERY_CHOICES:
             raise ValueError(f"delivery must be one of {', '.join(DELIVERY_CHOICES)}, got {choice!r}")
         return "frames" if choice == "spread" and self.name == SYNTHETIC else choice
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--input`` and ``--delivery``, as both benchmarks take them."""
+    parser.add_argument(
+        "--input",
+        default=DEFAULT_INPUT,
+        choices=choices(),
+        help=f"a corpus case made by ffmpeg, looped (default {DEFAULT_INPUT}: H.264 + AAC, as gateways "
+        "send), or synthetic (byoc's own video-only test pattern)",
+    )
+    parser.add_argument(
+        "--delivery",
+        default=DEFAULT_DELIVERY,
+        choices=DELIVERY_CHOICES,
+        help="spread: each segment's bytes spread over its duration; burst: the whole segment in one "
+        "write when it is due",
+    )
 
 
 def choices() -> list[str]:

@@ -40,8 +40,8 @@ from byoc.dev.bench.inputs import (
     DEFAULT_INPUT,
     DELIVERY_CHOICES,
     BenchInput,
+    add_arguments,
     bench_input,
-    choices,
 )
 from byoc.dev.corpus import FfmpegNotFound
 from byoc.dev.synthetic import publish_live
@@ -326,20 +326,7 @@ async def _child(spec: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="byoc bench pipeline")
     parser.add_argument("--seconds", type=float, default=20, help="seconds of input (whole segments)")
-    parser.add_argument(
-        "--input",
-        default=DEFAULT_INPUT,
-        choices=choices(),
-        help=f"a corpus case made by ffmpeg, looped (default {DEFAULT_INPUT}: H.264 + AAC, as gateways "
-        "send), or synthetic (byoc's own video-only test pattern)",
-    )
-    parser.add_argument(
-        "--delivery",
-        default=DEFAULT_DELIVERY,
-        choices=DELIVERY_CHOICES,
-        help="spread: each segment's bytes spread over its duration; burst: the whole segment in one "
-        "write when it is due",
-    )
+    add_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--raw", help=argparse.SUPPRESS)

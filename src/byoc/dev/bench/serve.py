@@ -31,8 +31,8 @@ from byoc.dev.bench.inputs import (
     DEFAULT_INPUT,
     DELIVERY_CHOICES,
     BenchInput,
+    add_arguments,
     bench_input,
-    choices,
 )
 from byoc.dev.children import ByocProcess
 from byoc.dev.corpus import FfmpegNotFound
@@ -266,20 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", default="1,2,4,6,8,10,12,14", help="the steps, e.g. 1,2,4,8")
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds of input per step")
     parser.add_argument("--processor", default="passthrough")
-    parser.add_argument(
-        "--input",
-        default=DEFAULT_INPUT,
-        choices=choices(),
-        help=f"a corpus case made by ffmpeg, looped (default {DEFAULT_INPUT}: H.264 + AAC, as gateways "
-        "send), or synthetic (byoc's own video-only test pattern)",
-    )
-    parser.add_argument(
-        "--delivery",
-        default=DEFAULT_DELIVERY,
-        choices=DELIVERY_CHOICES,
-        help="spread: each segment's bytes spread over its duration; burst: the whole segment in one "
-        "write when it is due",
-    )
+    add_arguments(parser)
     parser.add_argument("--all-steps", action="store_true", help="go on after a step that is not real-time")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)

@@ -16,12 +16,12 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ["Capability", "CapabilityRegistry"]
+__all__ = ["CAPABILITY_FIELDS", "Capability", "CapabilityRegistry"]
 
 log = logging.getLogger(__name__)
 
 # Field name -> the JSON type Go's encoding/json accepts for it (core.ExternalCapability).
-_FIELDS: dict[str, type] = {
+CAPABILITY_FIELDS: dict[str, type] = {
     "name": str,
     "url": str,
     "capacity": int,
@@ -64,7 +64,7 @@ def _parse(body: bytes) -> Capability:
             f"json: cannot unmarshal {type(data).__name__} into Go value of type core.ExternalCapability"
         )
     values: dict[str, Any] = {}
-    for key, kind in _FIELDS.items():
+    for key, kind in CAPABILITY_FIELDS.items():
         if key not in data or data[key] is None:
             continue
         value = data[key]
