@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import av
 import numpy as np
 
+from byoc.media.encoder import EncoderSettings, open_video_encoder
 from byoc.media.ts import shift_timestamps
 
 
@@ -156,18 +157,8 @@ class SyntheticStream:
 
     def _encode_video(self, index: int, *, key: bool) -> list[av.Packet[Any]]:
         if self._encoder is None:
-            encoder = av.CodecContext.create("libx264", "w")
-            assert isinstance(encoder, av.VideoCodecContext)
-            encoder.width, encoder.height, encoder.pix_fmt = self.width, self.height, "yuv420p"
-            encoder.time_base, encoder.framerate = _TIME_BASE, Fraction(self.fps, 1)
-            encoder.thread_count = 1
-            encoder.options = {
-                "preset": self.preset,
-                "tune": "zerolatency",
-                "forced-idr": "1",
-                "x264-params": "bframes=0:keyint=infinite:scenecut=0",
-            }
-            self._encoder = encoder
+            settings = EncoderSettings(self.width, self.height, fps=self.fps, preset=self.preset)
+            self._encoder = open_video_encoder(settings)
         frame = av.VideoFrame.from_ndarray(pattern(index, self.width, self.height), format="rgb24")
         frame = frame.reformat(format="yuv420p")
         frame.pts, frame.time_base = self._pts(index), _TIME_BASE
