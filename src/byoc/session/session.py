@@ -66,6 +66,9 @@ and the session go on (the errors counts say how often)."""
 
 log = logging.getLogger(__name__)
 
+_CLOSE_GRACE_S = 0.2
+"""Between a session's last write and the DELETE of its channels: time for readers to fetch it."""
+
 
 class SessionState(enum.StrEnum):
     STARTING = "starting"
@@ -576,8 +579,12 @@ class Session:
             with contextlib.suppress(TrickleError, TimeoutError):
                 async with asyncio.timeout(self.settings.trickle.response_timeout_s):
                     await self._send_event(EventsWriter(events), final)
-        closing = [p.close() for p in (*others, events) if p is not None]
-        await asyncio.gather(*closing, return_exceptions=True)
+        open_channels = [p for p in (*others, events) if p is not None]
+        if open_channels:
+            # A DELETE makes the trickle server forget the channel's segments at once: a reader that has
+            # not yet asked for the last one (the final event, the last output segment) would get 404.
+            await asyncio.sleep(_CLOSE_GRACE_S)
+        await asyncio.gather(*(p.close() for p in open_channels), return_exceptions=True)
         for stage in (self._decoder, self._worker, self._encoder):
             if stage is not None and stage.running:  # finishing now, unless it hangs in user code
                 await asyncio.to_thread(stage.join, 1.0)
