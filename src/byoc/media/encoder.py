@@ -8,8 +8,10 @@ Video timestamps pass through unchanged. A segment ends right after the last fra
 make it longer than ``segment_s``. Bytes go to the :class:`OutputSink` as each packet is muxed, so the
 first bytes of a segment leave long before the segment is complete.
 
-Audio of any input rate and layout is resampled to 48 kHz stereo and cut into 10 ms Opus frames
-(so at most 10 ms, plus the encoder's 6.5 ms look-ahead, waits at a segment's end for the next one).
+Audio of any input rate and layout is resampled to 48 kHz stereo and cut into 20 ms Opus frames
+(so at most 20 ms, plus the encoder's 6.5 ms look-ahead, waits at a segment's end for the next one).
+Not shorter: every frame costs the thread a GIL hand-off per call (resample, encode, mux), and with many
+sessions in one process those hand-offs, not the CPU, are what runs out first.
 Its timestamps come from a sample clock anchored on the first input audio timestamp, which follows the
 input's timestamps across gaps: an Opus packet's PTS is where its audio sat in the input, so the
 input's audio/video offset is kept, and the audio DTS strictly increase within and across segments.
@@ -59,7 +61,7 @@ _OUTPUT_OPTIONS = {
 }
 _AUDIO_RATE = 48000
 _AUDIO_TIME_BASE = Fraction(1, _AUDIO_RATE)
-_OPUS_FRAME_MS = 10
+_OPUS_FRAME_MS = 20
 _AUDIO_SLACK = _AUDIO_RATE // 50
 """Input audio timestamps within 20 ms of the sample clock are jitter, not a gap."""
 _MAX_AUDIO_GAP = 10 * _AUDIO_RATE

@@ -103,18 +103,18 @@ class PipelineReport:
         ]
 
 
-_OPUS_FRAME = 480
-"""10 ms at 48 kHz: the Opus frames the session's encoder makes."""
+_OPUS_FRAME = 960
+"""20 ms at 48 kHz: the Opus frames the session's encoder makes."""
 
 
 def _opus_encoder() -> av.AudioCodecContext:
-    """The session's audio encoder: Opus, 48 kHz stereo, 96 kb/s, 10 ms frames."""
+    """The session's audio encoder: Opus, 48 kHz stereo, 96 kb/s, 20 ms frames."""
     encoder = av.CodecContext.create("libopus", "w")
     assert isinstance(encoder, av.AudioCodecContext)
     encoder.sample_rate, encoder.layout, encoder.format = 48000, "stereo", "flt"
     encoder.time_base = Fraction(1, 48000)
     encoder.bit_rate = 96000
-    encoder.options = {"frame_duration": "10"}
+    encoder.options = {"frame_duration": "20"}
     encoder.open()
     return encoder
 

@@ -5,7 +5,8 @@ It starts ``byoc serve`` as a subprocess and a trickle server in this process, t
 (``--input``: by default ffmpeg-made 512x512 30 fps H.264 with AAC, as gateways send; ``--delivery``
 spread or burst; see :mod:`byoc.dev.bench.inputs`), and measures in the container:
 
-* output frames per second of every session (from ``/stream/status``) and the frames it dropped;
+* the frames every session put out per second over the measured window (from ``/stream/status``)
+  and the frames it dropped;
 * the video frames and the audio (Opus packets, seconds) all sessions put out while measured;
 * CPU milliseconds per output frame and resident memory of the container process (from /proc);
 * ``/health`` latency, polled at 20 Hz from a separate process (``byoc.dev.bench.probe``).
@@ -148,7 +149,7 @@ async def _step(
     )
     await asyncio.sleep(warmup)
     cpu_before, began = cpu_seconds(container.pid), time.monotonic()
-    before = _totals(await _sessions(http, container))
+    earlier = await _sessions(http, container)
     probe = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -169,14 +170,16 @@ async def _step(
     polled = json.loads((await probe.communicate())[0])
     sessions = await _sessions(http, container)
     cpu, elapsed = cpu_seconds(container.pid) - cpu_before, time.monotonic() - began
-    after = _totals(sessions)
-    frames, audio_packets, audio_seconds = (b - a for a, b in zip(before, after, strict=True))
+    frames, audio_packets, audio_seconds = (
+        b - a for a, b in zip(_totals(earlier), _totals(sessions), strict=True)
+    )
     await feeding
     for publisher in publishers:
         await publisher.close()
     while (await _active(http, container)) > 0:  # noqa: ASYNC110 - another process: polled over HTTP
         await asyncio.sleep(0.1)
-    fps = [s["output"]["fps"] for s in sessions]
+    frames_before = {s["stream_id"]: s["output"]["frames"] for s in earlier}
+    fps = [(s["output"]["frames"] - frames_before.get(s["stream_id"], 0)) / elapsed for s in sessions]
     dropped = sum(sum(s["dropped"].values()) for s in sessions)
     decoded = max(1, sum(s["input"]["frames"] for s in sessions))
     latencies = sorted(polled["latencies_ms"])
