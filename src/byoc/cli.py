@@ -12,9 +12,11 @@ __all__ = ["COMMANDS", "main"]
 
 
 def _serve(argv: Sequence[str]) -> int:
+    import faulthandler
+
     from byoc.errors import ConfigError
     from byoc.logs import configure_logging
-    from byoc.serve.config import settings_from
+    from byoc.serve.config import settings_from, warn_secret_flags
     from byoc.serve.runtime import Runtime
 
     try:
@@ -23,6 +25,10 @@ def _serve(argv: Sequence[str]) -> int:
         print(f"byoc serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    # A crash in native code (a segfault in a processor's extension) kills the process without a log
+    # line; this writes every thread's Python stack to stderr, where the log goes, first.
+    faulthandler.enable(all_threads=True)
+    warn_secret_flags(argv)
     return asyncio.run(Runtime(settings).serve())
 
 
@@ -51,7 +57,11 @@ def _demo(argv: Sequence[str]) -> int:
 
 
 def _bench(argv: Sequence[str]) -> int:
-    benchmarks = {"pipeline": "byoc.dev.bench.pipeline", "serve": "byoc.dev.bench.serve"}
+    benchmarks = {
+        "pipeline": "byoc.dev.bench.pipeline",
+        "serve": "byoc.dev.bench.serve",
+        "soak": "byoc.dev.bench.soak",
+    }
     if not argv or argv[0] not in benchmarks:
         print(f"usage: byoc bench {{{','.join(benchmarks)}}} [options]", file=sys.stderr)
         return 2
@@ -65,7 +75,10 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "check": (_check, "run the production checklist against a container, with a report"),
     "publish": (_publish, "publish MPEG-TS (e.g. from ffmpeg) to a trickle channel"),
     "demo": (_demo, "run the demo: a local orchestrator, a container, three live streams"),
-    "bench": (_bench, "run a benchmark: pipeline (one session) or serve (sessions per process)"),
+    "bench": (
+        _bench,
+        "run a benchmark: pipeline (one session), serve (sessions per process), soak (a long run)",
+    ),
 }
 
 

@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import io
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import av
@@ -60,10 +61,18 @@ class BenchInput:
     fps: float
     """Video frames per second of media (what a real-time session puts out)."""
     has_audio: bool
+    more: Callable[[], list[bytes]]
+    """The segment after the last one handed out (``segments``, then every call): the stream goes on."""
 
     @property
     def seconds(self) -> float:
         return self.segment_s * len(self.segments)
+
+    def stream(self, seconds: float) -> Iterator[list[bytes]]:
+        """``segments``, then as many more as make ``seconds`` of input, made as they are needed."""
+        yield from self.segments
+        for _ in range(math.ceil(seconds / self.segment_s) - len(self.segments)):
+            yield self.more()
 
     def delivery(self, choice: str) -> str:
         """The :func:`byoc.dev.synthetic.publish_live` delivery for the ``--delivery`` ``choice``."""
@@ -108,6 +117,7 @@ def bench_input(name: str, seconds: float) -> BenchInput:
             source.segment_frames / source.fps,
             float(source.fps),
             False,
+            source.segment,
         )
     if name not in corpus.CASES:
         raise ValueError(f"unknown input {name!r}: one of {', '.join(choices())}")
@@ -127,6 +137,7 @@ def bench_input(name: str, seconds: float) -> BenchInput:
         loop.ticks / _TICKS / len(made),
         loop.frames * _TICKS / loop.ticks,
         loop.has_audio,
+        looping.segment,
     )
 
 
