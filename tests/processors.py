@@ -89,3 +89,10 @@ class LeakyAndStubborn(Processor):
 
     def teardown(self) -> None:
         threading.Event().wait()  # ignores the shutdown
+
+
+class NeverReady(Processor):
+    """A setup() that never returns (a model load stuck on a download, say)."""
+
+    def setup(self) -> None:
+        threading.Event().wait()

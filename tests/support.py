@@ -31,12 +31,12 @@ PSI_PIDS = {0x0000, 0x0011, 0x1000}
 
 
 @contextlib.asynccontextmanager
-async def serve_app(app: web.Application) -> AsyncIterator[str]:
-    """Run an aiohttp application on a free loopback port; yields its base URL."""
+async def serve_app(app: web.Application, port: int = 0) -> AsyncIterator[str]:
+    """Run an aiohttp application on a loopback port (a free one unless given); yields its base URL."""
     runner = web.AppRunner(app, shutdown_timeout=1.0)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, "127.0.0.1", port)
         await site.start()
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:

@@ -21,7 +21,9 @@ class EndReason(enum.StrEnum):
     CONTROL_ENDED = "control_ended"
     CONTROL_GONE = "control_gone"
     OUTPUT_GONE = "output_gone"
+    OUTPUT_UNREACHABLE = "output_unreachable"
     PROCESSOR_ERROR = "processor_error"
+    PROCESSOR_HUNG = "processor_hung"
     MEDIA_ERROR = "media_error"
     TRICKLE_ERROR = "trickle_error"
     DEADLINE = "deadline"
@@ -49,8 +51,14 @@ class SessionSettings:
     """How the output is encoded; each stream's own width and height replace the ones given here."""
     status_interval_s: float = 5.0
     drain_timeout_s: float = 6.0
+    """From a stop to the end: the pipeline drains, the final event goes out and the channels are
+    DELETEd within it."""
     max_duration_s: float | None = None
     max_consecutive_errors: int = 10
+    process_timeout_s: float | None = 30.0
+    """How long one call of a processor hook (``process``, ``process_audio``, ``on_params``, ``on_stop``)
+    may take; past it the session ends as ``processor_hung`` and leaves the call's thread behind (a
+    Python thread cannot be killed). None: no limit. ``on_start`` is bounded by the admission instead."""
     queue_capacity: int = 8
     """Video frames each queue between two stages holds; a full queue makes the stage before it wait."""
     latency_budget_s: float = 0.5
@@ -61,6 +69,9 @@ class SessionSettings:
     input_buffer_bytes: int = 2 * 1024 * 1024
     """Input bytes waiting to be decoded before the session stops reading its input for a while."""
     data_batch_s: float = 0.1
+    output_failure_budget_s: float = 20.0
+    """How long the output may lose every segment (counted) before the session ends with
+    ``output_unreachable``."""
     thread_nice: int = 0
     """Niceness added to the session's decoder, processing and encoder threads (Linux)."""
     trickle: TrickleClientSettings = field(default_factory=TrickleClientSettings)

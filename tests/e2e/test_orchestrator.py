@@ -193,3 +193,26 @@ def test_demo_writes_a_playable_file(tmp_path: Path) -> None:
     # the recording covers the run (frames a busy container drops leave gaps, not a shorter recording)
     assert times[-1] - times[0] >= 2.0
     assert (tmp_path / "demo-snapshot.png").read_bytes().startswith(b"\x89PNG")
+
+
+async def test_the_streams_of_a_killed_container_end_and_free_its_capacity(
+    http: aiohttp.ClientSession, orchestrator: ByocProcess
+) -> None:
+    async with container(orchestrator, "--max-sessions", "2") as serve:
+        await serve.wait_for_log("registered")
+        url = f"{orchestrator.url}/live-video-to-video"
+        answers = await asyncio.gather(*(curl_d(http, url, b'{"model_id":"my-model"}') for _ in range(2)))
+        assert [status for status, _ in answers] == [200, 200]
+        await asyncio.gather(*(first_segments(http, answer["subscribe_url"], 1) for _, answer in answers))
+        serve.signal(signal.SIGKILL)  # no drain, no final event, no DELETE: the container is just gone
+        assert await serve.wait_exit() == -signal.SIGKILL
+    async with asyncio.timeout(30):
+        while True:  # another process: polled over HTTP
+            async with http.get(f"{orchestrator.url}/status") as response:
+                state = await response.json()
+            if not state["streams"]:
+                break
+            await asyncio.sleep(0.1)
+    ended = {stream["stream_id"]: stream["end_reason"] for stream in state["ended"]}
+    assert [ended.get(answer["stream_id"]) for _, answer in answers] == ["container gone"] * 2
+    assert state["capabilities"] == [{"name": "my-model", "url": serve.url, "capacity": 2, "load": 0}]

@@ -276,6 +276,21 @@ async def test_a_processor_that_hangs_cannot_block_the_exit(
     assert "processor thread was still busy" in serve.log, serve.log
 
 
+async def test_sigterm_while_the_processor_loads_abandons_the_load(http: aiohttp.ClientSession) -> None:
+    async with ServeProcess("tests.processors:NeverReady", "--drain-timeout-s", "3") as serve:
+        await serve.wait_for_log("processor tests.processors:NeverReady: setup() running")
+        async with http.get(f"{serve.url}/health") as response:
+            assert (await response.json())["state"] == "LOADING"
+        began = time.monotonic()
+        serve.signal(signal.SIGTERM)
+        code = await serve.wait_exit(timeout=15)
+        took = time.monotonic() - began
+    assert code == 1
+    assert took < 3 + 5  # the drain timeout, and slack for a busy machine
+    abandoned = "the processor's setup() was abandoned on thread processor-setup"
+    assert abandoned in serve.log, serve.log
+
+
 async def test_wrong_secret_is_reported_clearly_and_never_logged(
     http: aiohttp.ClientSession, fake_orchestrator: Any
 ) -> None:

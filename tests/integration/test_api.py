@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,9 +23,8 @@ from tests.support import StreamHarness, decode, make_segments
 
 @contextlib.asynccontextmanager
 async def running(processor: Processor | None = None, **settings: Any) -> AsyncIterator[tuple[Runtime, str]]:
-    runtime = Runtime(
-        Settings(host="127.0.0.1", port=0, **settings), processor=processor or PassthroughProcessor()
-    )
+    settings = {"host": "127.0.0.1", "port": 0, **settings}
+    runtime = Runtime(Settings(**settings), processor=processor or PassthroughProcessor())
     stop = asyncio.Event()
     task = asyncio.create_task(runtime.serve(shutdown=stop.wait()))
     await runtime.wait_listening()
@@ -227,4 +227,6 @@ async def test_params_and_stop_fall_back_to_the_body_and_to_the_only_session(
         )
         assert (status, answer["status"]) == (200, "stopping")
         await h.readers_done()
-        assert h.events[-1]["event"]["statistics"]["params"] == {"prompt": "a cat"}
+        # the final event names the parameters by their digest; /stream/status had them in full
+        digest = hashlib.sha256(b'{"prompt":"a cat"}').hexdigest()[:16]
+        assert h.events[-1]["event"]["statistics"]["params"] == {"sha256": digest, "bytes": 18}

@@ -12,9 +12,11 @@ from typing import Any
 import aiohttp
 import pytest
 
+from byoc.dev.children import free_port
 from byoc.errors import ByocError, ConfigError
 from byoc.serve.config import Settings
 from byoc.serve.registration import CapabilityInfo, Registrar
+from tests.integration.test_api import running
 from tests.support import FakeOrchestrator, serve_app
 
 SECRET = "orch-S3cret/+= with space"
@@ -92,6 +94,7 @@ def registrar(
     client: aiohttp.ClientSession, orch: FakeOrchestrator, *, secret: str = SECRET, **kwargs: Any
 ) -> Registrar:
     cap = kwargs.pop("capability", None) or capability()
+    kwargs.setdefault("heartbeat_interval_s", 0.0)  # the tests that count sleeps turn it on themselves
     return Registrar(client, orch.url + "/", secret, cap, **kwargs)
 
 
@@ -252,7 +255,7 @@ async def test_5xx_is_retried_with_growing_delays_and_rate_limited_warnings(
     reg = registrar(client, orch, sleep=sleep, reregister_interval_s=0)
     await run_briefly(lambda: reg.run(lambda: True))
 
-    assert sleep.delays == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0]
+    assert sleep.delays == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0]
     assert len(orch.registers()) == 12
     assert reg.state == "registered"
     assert reg.last_error is None
@@ -287,7 +290,7 @@ async def test_register_once_raises_a_retryable_byoc_error_on_5xx(
     with pytest.raises(ByocError, match="503") as caught:
         await reg.register_once()
     assert not isinstance(caught.value, ConfigError)
-    assert reg.state == "registering"
+    assert reg.state == "unreachable"
     assert reg.last_error is not None
     assert "503" in reg.last_error
 
@@ -323,21 +326,28 @@ async def test_reregisters_only_while_idle_and_cancellation_propagates(
     assert task.cancelled()
 
 
-async def test_reregistration_retries_stop_when_a_session_starts(
+async def test_after_a_failed_reregistration_running_sessions_hold_the_next_one_off(
     client: aiohttp.ClientSession, orch: FakeOrchestrator, spawn: Spawn
 ) -> None:
-    answers = iter([True, False])  # idle at the periodic check, busy after the first failure
+    answers = iter([True, False, False, True])  # idle at the periodic check, then busy twice, then idle
+    seen: list[str] = []
+
+    def is_idle() -> bool:
+        seen.append(str(reg.state))
+        return next(answers, True)
+
     sleep = FakeSleep(block_at=30.0)
     reg = registrar(client, orch, sleep=sleep)
-    task = spawn(reg.run(lambda: next(answers, False)))
+    task = spawn(reg.run(is_idle))
     assert await sleep.next_call() == 30.0
 
-    orch.fail_next = 5
+    orch.fail_next = 1
     sleep.release()
-    assert await sleep.next_call() == 0.5
-    assert await sleep.next_call() == 30.0
-    assert len(orch.registers()) == 2
-    assert orch.fail_next == 4
+    assert [await sleep.next_call() for _ in range(4)] == [0.5, 1.0, 2.0, 30.0]
+    # failed: unreachable; the heartbeat answered while sessions ran: pending; then registered again
+    assert seen == ["registered", "unreachable", "pending", "pending"]
+    assert len(orch.registers()) == 3  # none while the sessions ran (P1)
+    assert reg.state == "registered"
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -354,6 +364,63 @@ async def test_refusal_during_reregistration_ends_run(
     sleep.release()
     await run_briefly(lambda: task)
     assert reg.state == "refused"
+
+
+async def test_heartbeats_between_registrations_never_register(
+    client: aiohttp.ClientSession, orch: FakeOrchestrator, spawn: Spawn
+) -> None:
+    sleep = FakeSleep(block_at=5.0)
+    reg = registrar(client, orch, sleep=sleep, heartbeat_interval_s=5.0, reregister_interval_s=30.0)
+    task = spawn(reg.run(lambda: True))
+    for _ in range(5):
+        assert await sleep.next_call() == 5.0
+        sleep.release()
+    assert await sleep.next_call() == 5.0
+    assert len(orch.registers()) == 1  # five heartbeats: no registration
+    assert reg.state == "registered"
+    sleep.release()  # 30 s since the registration: register again
+    assert await sleep.next_call() == 5.0
+    assert len(orch.registers()) == 2
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def registration_in_health(http: aiohttp.ClientSession, url: str, wanted: str) -> None:
+    """Poll ``/health`` until its ``registration`` is ``wanted`` (a generous timeout: a busy machine)."""
+    seen = None
+    try:
+        async with asyncio.timeout(20):
+            while seen != wanted:
+                async with http.get(f"{url}/health") as response:
+                    seen = (await response.json()).get("registration")
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"/health never said registration {wanted!r} (last {seen!r})") from None
+
+
+async def test_health_reports_an_orchestrator_outage_and_registration_follows_its_return(
+    client: aiohttp.ClientSession,
+) -> None:
+    port = free_port()
+    before, after = FakeOrchestrator(SECRET), FakeOrchestrator(SECRET)  # a restart forgets everything
+    settings: dict[str, Any] = {
+        "orchestrator_url": f"http://127.0.0.1:{port}",
+        "orch_secret": SECRET,
+        "capability_name": NAME,
+        "heartbeat_interval_s": 0.2,
+        "reregister_interval_s": 3600.0,  # an outage must not wait for the idle re-registration
+    }
+    async with running(**settings) as (runtime, url):
+        await runtime.wait_ready()
+        async with serve_app(before.app(), port):
+            await registration_in_health(client, url, "registered")
+            assert NAME in before.registered
+        await registration_in_health(client, url, "unreachable")
+        async with serve_app(after.app(), port):
+            await registration_in_health(client, url, "registered")
+            assert after.registered[NAME]["name"] == NAME
+            assert all(r.authorization == SECRET for r in after.registers())
 
 
 # --- unregister ------------------------------------------------------------------------------------

@@ -381,6 +381,9 @@ async def test_trickle_recoveries_are_counted_not_errors(
     stats = session.statistics()
     assert stats.as_dict()["trickle"] == counts
     assert "trickle" not in stats.errors  # recovered from: not an error
+    # ... but the output segment that broke off is lost to the gateway, and counted as such
+    assert (stats.output_lost.segments, stats.output_lost.frames) == ({"broken": 1}, {"broken": 15})
+    assert stats.errors == {"output": 1}
     assert stats.frames_in == 45  # the restarted input segment lost nothing
     assert h.events[-1]["event"]["statistics"]["trickle"] == counts
     status = [e["event"] for e in h.events if e["event"]["type"] == "status"]

@@ -11,7 +11,7 @@ import pytest
 
 from byoc.errors import ConfigError
 from byoc.media.encoder import EncoderSettings
-from byoc.serve.config import DrainBudget, Settings, build_parser, settings_from
+from byoc.serve.config import DrainBudget, Settings, build_parser, settings_from, warn_secret_flags
 
 
 def test_help_documents_every_setting_with_its_environment_variable() -> None:
@@ -94,3 +94,37 @@ def test_one_drain_budget_splits_the_drain_timeout(total: float, unregister: flo
     # the runtime waits for the sessions, cancels, then tears down, each a little before the deadline
     assert budget.sessions_wait_s(3.0) < budget.cancel_wait_s(3.0) < budget.teardown_wait_s(3.0) < 3.0
     assert DrainBudget.from_total(total) == budget
+
+
+def test_secret_files_must_be_readable_and_not_empty_and_secrets_given_once(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("  from-a-file\n")
+    assert Settings(token_file=token_file).bearer_token() == "from-a-file"
+    assert Settings(token="direct").bearer_token() == "direct"
+    token_file.write_text("\n")  # an empty token would silently turn authentication off
+    with pytest.raises(ConfigError, match=r"token_file .* is empty"):
+        Settings(token_file=token_file)
+    with pytest.raises(ConfigError, match="cannot read orch_secret_file"):
+        Settings(orchestrator_url="https://o", orch_secret_file=tmp_path / "missing")
+    with pytest.raises(ConfigError, match="token or token_file, not both"):
+        settings_from(["--token", "a", "--token-file", str(token_file)], {})
+
+
+def test_allowed_channel_hosts_from_flags_or_environment() -> None:
+    from_flags = settings_from(
+        ["--allowed-channel-hosts", "orch:8935,[::1]", "--allowed-channel-hosts", "b"], {}
+    )
+    assert [str(rule) for rule in from_flags.channel_host_rules()] == ["orch:8935", "::1", "b"]
+    from_env = settings_from([], {"BYOC_ALLOWED_CHANNEL_HOSTS": "Orch.Example.,*"})
+    assert [str(rule) for rule in from_env.channel_host_rules()] == ["orch.example", "*"]
+    assert Settings().channel_host_rules() == ()
+    with pytest.raises(ConfigError, match="allowed_channel_hosts"):
+        settings_from(["--allowed-channel-hosts", "http://orch/path"], {})
+
+
+def test_secret_flags_are_warned_about_and_the_environment_is_not(caplog: pytest.LogCaptureFixture) -> None:
+    flags = warn_secret_flags(["--orch-secret=s3cret", "--token", "t0ken", "--max-sessions", "2"])
+    assert flags == ["--token", "--orch-secret"]
+    assert all("s3cret" not in r.getMessage() and "t0ken" not in r.getMessage() for r in caplog.records)
+    assert "use --token-file or the environment variable BYOC_TOKEN" in caplog.records[0].getMessage()
+    assert warn_secret_flags(["--orch-secret-file", "/run/secrets/orch"]) == []

@@ -158,7 +158,8 @@ async def run_demo(
     container = ByocProcess(
         "serve", processor, "--host", "127.0.0.1", "--port", str(container_port),
         "--max-sessions", str(streams), "--capability-name", _MODEL,
-        "--capability-url", f"http://127.0.0.1:{container_port}", "--orch-secret", _SECRET,
+        "--capability-url", f"http://127.0.0.1:{container_port}",
+        env={"BYOC_ORCH_SECRET": _SECRET},  # not a flag: a flag is readable in /proc/PID/cmdline
     )  # fmt: skip
     table = _Table(out)
     async with (

@@ -16,6 +16,7 @@ A corrupt or truncated segment costs the frames it damaged and an error count, n
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -87,6 +88,10 @@ def _without_leading(packet: av.Packet[Any], unit: bytes) -> av.Packet[Any]:
     trimmed = av.Packet(data[start:])
     trimmed.pts, trimmed.dts, trimmed.time_base = packet.pts, packet.dts, packet.time_base
     return trimmed
+
+
+def _put_boundary(output: StageQueue[Item], segment: int) -> None:
+    output.put(Boundary(segment), droppable=False)
 
 
 class _ByteFeed:
@@ -307,7 +312,9 @@ class Decoder(Stage):
         self.max_fps = max_fps
         self._on_error = on_error or (lambda kind, message: None)
         self._clock = clock
-        self._feed = _ByteFeed(self._boundary, max_buffered_bytes)
+        # Boundaries go straight to the queue: a bound method would tie the feed back to the decoder,
+        # a cycle that keeps the decoder's codec contexts until the cyclic collector runs.
+        self._feed = _ByteFeed(functools.partial(_put_boundary, output), max_buffered_bytes)
         self._stream_clock = StreamClock(clock=clock)
         self.latency_budget_s = latency_budget_s
         """A frame that arrives this long after it was due while the input is catching up (a backlog
@@ -357,9 +364,6 @@ class Decoder(Stage):
         )
 
     # --- the decoder thread ---------------------------------------------------------------------
-
-    def _boundary(self, segment: int) -> None:
-        self._output.put(Boundary(segment), droppable=False)
 
     def _run(self) -> None:
         try:

@@ -76,7 +76,8 @@ class OutputSink(Protocol):
 
     def write(self, segment: int, data: bytes) -> None: ...
 
-    def end(self, segment: int) -> None: ...
+    def end(self, segment: int, frames: int) -> None:
+        """Segment ``segment`` is complete; it holds ``frames`` video frames."""
 
     def close(self) -> None:
         """No more segments: the encoder has finished."""
@@ -202,6 +203,7 @@ class Encoder(Stage):
         self._pending_audio: deque[av.AudioFrame] = deque()
         self._pending_ticks = 0
         self._segment = -1
+        self._segment_frames = 0  # video frames in the open segment
         self._segment_start = 0
         self._last_pts: int | None = None
         self._step = 3000
@@ -262,6 +264,7 @@ class Encoder(Stage):
     def _open_segment(self, pts: int) -> av.container.OutputContainer:
         self._close_segment()
         self._segment += 1
+        self._segment_frames = 0
         writer = _SegmentWriter(self._sink, self._segment, self._count_bytes)
         container = av.open(writer, mode="w", format="mpegts", options=_OUTPUT_OPTIONS)
         s = self.settings
@@ -283,13 +286,15 @@ class Encoder(Stage):
 
     def _close_segment(self) -> None:
         container, self._container = self._container, None
+        # A stream holds its container, whose file (_SegmentWriter) holds this encoder: a cycle.
+        self._video_stream = self._audio_stream = None
         if container is None:
             return
         try:
             container.close()  # writes whatever the muxer still holds
         finally:
             self._segments += 1
-            self._sink.end(self._segment)
+            self._sink.end(self._segment, self._segment_frames)
 
     def _video_encoder(self) -> av.VideoCodecContext:
         if self._video is None:
@@ -337,6 +342,7 @@ class Encoder(Stage):
             packet.stream = self._video_stream
             container.mux(packet)
         self._frames_out += 1
+        self._segment_frames += 1
         self._on_frame(item)
         if new_segment:
             self._release_audio()

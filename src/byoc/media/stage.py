@@ -23,7 +23,25 @@ class Stage:
         self._name = name
         self._thread: threading.Thread | None = None
         self._nice = nice
-        self.error: BaseException | None = None
+        self._failure: BaseException | None = None
+
+    @property
+    def error(self) -> BaseException | None:
+        """The exception the stage ended with, if any."""
+        return self._failure
+
+    @error.setter
+    def error(self, exc: BaseException | None) -> None:
+        # Kept without tracebacks: their frames hold the stage (``self``), and a stage that refers to
+        # itself through its error is freed, with its codec contexts, only by the cyclic collector.
+        self._failure = exc
+        chained, seen = [exc], set()
+        while chained:
+            link = chained.pop()
+            if link is not None and id(link) not in seen:
+                seen.add(id(link))
+                link.__traceback__ = None
+                chained += [link.__cause__, link.__context__]
 
     def _start_run(self) -> None:
         if self._nice:  # Linux: lower this thread's priority so request handling comes first

@@ -13,7 +13,9 @@ GET    /version                version, processor, capability
 
 Errors are JSON ``{"error": ..., "field"?: ...}``: 400 for malformed input, 401 only for a wrong bearer
 token (go-livepeer deletes the capability on a 401), 404 for params to an unknown stream, 409 for a
-start of a running stream, 413 for oversized bodies, 503 with ``Retry-After`` when a start is refused.
+start of a running stream, 408 for a body that does not arrive within ``body_timeout_s``, 413 for
+oversized bodies, 503 with ``Retry-After`` when a start is refused or too many request bodies are being
+read at once (``body_memory_bytes``). A client that goes away mid-request is no error of the server.
 
 Thread ownership (docs/architecture.md): the handlers run on the API thread, and sessions and the
 session manager are mutated only on the runtime's main loop. So the API sees the runtime only through
@@ -24,10 +26,12 @@ metrics) are snapshots that never wait for the main loop. This module does not i
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -36,7 +40,14 @@ from byoc import __version__
 from byoc.errors import AdmissionRefused, InvalidRequest, ProcessorError, SessionExists, SessionNotFound
 from byoc.serve.health import HealthView, health_response
 from byoc.serve.metrics import CONTENT_TYPE
-from byoc.serve.validation import json_object, params_update, start_spec, stream_id_from_body
+from byoc.serve.validation import (
+    RequestLimits,
+    checked_stream_id,
+    json_object,
+    params_update,
+    start_spec,
+    stream_id_from_body,
+)
 from byoc.session.stats import SessionStatistics
 from byoc.spec import StreamSpec
 
@@ -54,7 +65,12 @@ class ApiSettings:
 
     token: str | None = None
     """Bearer token of the stream routes; None: no authentication."""
-    max_body_bytes: int = 10 * 1024 * 1024
+    max_body_bytes: int = 1024 * 1024
+    body_timeout_s: float = 30.0
+    """How long a request may take to send its body."""
+    body_memory_bytes: int = 8 * 1024 * 1024
+    """Bytes of request bodies held at once over all requests; more wait up to ``BODY_WAIT_S``, then 503."""
+    limits: RequestLimits = field(default_factory=RequestLimits)
     health_style: str = "byoc"
     capability: str = ""
     """The model id ``/version`` reports."""
@@ -109,6 +125,51 @@ def _control(request: web.Request) -> Control:
     return request.app[_CONTROL]
 
 
+class _ClientGone(Exception):
+    """The client closed its connection before its request was read."""
+
+
+class BodyBudget:
+    """The request bytes the API holds at once, so that concurrent large bodies cannot add up.
+
+    A request reserves its ``Content-Length`` (the largest body allowed when it has none) until it is
+    answered. One request may always proceed alone, however large. Used on the API loop only.
+    """
+
+    def __init__(self, total_bytes: int) -> None:
+        self._total = total_bytes
+        self._used = 0
+        self._changed = asyncio.Condition()
+
+    @asynccontextmanager
+    async def reserve(self, size: int, wait_s: float) -> AsyncIterator[None]:
+        """Hold ``size`` bytes, waiting up to ``wait_s`` for them (HTTPServiceUnavailable after)."""
+
+        def fits() -> bool:
+            return self._used == 0 or self._used + size <= self._total
+
+        async with self._changed:
+            try:
+                async with asyncio.timeout(wait_s):
+                    await self._changed.wait_for(fits)
+            except TimeoutError:
+                raise web.HTTPServiceUnavailable(
+                    reason="too many request bodies are being read; try again", headers={"Retry-After": "1"}
+                ) from None
+            self._used += size
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._used -= size
+                self._changed.notify_all()
+
+
+BODY_WAIT_S = 2.0
+"""How long a request waits for room in the :class:`BodyBudget` before a 503."""
+_BUDGET: web.AppKey[BodyBudget] = web.AppKey("body_budget")
+
+
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response(body, status=status, headers=headers)
 
@@ -118,21 +179,41 @@ def _error(status: int, message: str, **extra: Any) -> web.Response:
 
 
 async def _body(request: web.Request) -> bytes:
-    return await request.read()  # over max_body_bytes aiohttp raises 413 (turned into JSON below)
+    """The request's body, read within ``body_timeout_s`` (408 after); over ``max_body_bytes``
+    aiohttp raises 413 (turned into JSON below)."""
+    try:
+        async with asyncio.timeout(_control(request).settings.body_timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(reason="the request body did not arrive in time") from None
+    except ConnectionError:
+        raise _ClientGone from None
+
+
+def _stream_id(request: web.Request, raw: bytes = b"") -> str | None:
+    """The stream a request names: ``X-Stream-Id``, else an id in its JSON body; None if neither (an
+    empty header counts as none)."""
+    header = request.headers.get(STREAM_ID_HEADER)
+    if header:
+        return checked_stream_id(header, STREAM_ID_HEADER)
+    return stream_id_from_body(raw)
 
 
 # --- stream routes ------------------------------------------------------------------------------
 
 
 async def stream_start(request: web.Request) -> web.StreamResponse:
-    spec = start_spec(json_object(await _body(request)), header_id=request.headers.get(STREAM_ID_HEADER))
+    limits = _control(request).settings.limits
+    body = json_object(await _body(request))
+    spec = start_spec(body, header_id=request.headers.get(STREAM_ID_HEADER), limits=limits)
     stream_id = await _control(request).start(spec)
     return _json({"status": "started", "stream_id": stream_id})
 
 
 async def live_video_to_video(request: web.Request) -> web.StreamResponse:
     body = json_object(await _body(request))
-    spec = start_spec(body, header_id=request.headers.get(STREAM_ID_HEADER), lv2v=True)
+    limits = _control(request).settings.limits
+    spec = start_spec(body, header_id=request.headers.get(STREAM_ID_HEADER), lv2v=True, limits=limits)
     stream_id = await _control(request).start(spec)
     urls = {key: body.get(key, "") for key in ("publish_url", "subscribe_url", "control_url")}
     return _json({**urls, "stream_id": stream_id})
@@ -140,15 +221,15 @@ async def live_video_to_video(request: web.Request) -> web.StreamResponse:
 
 async def stream_params(request: web.Request) -> web.StreamResponse:
     raw = await _body(request)
-    params = params_update(raw)
-    stream_id = request.headers.get(STREAM_ID_HEADER) or stream_id_from_body(raw)
+    params = params_update(raw, _control(request).settings.limits)
+    stream_id = _stream_id(request, raw)
     updated = await _control(request).update_params(stream_id, params)
     return _json({"status": "updated", "stream_id": updated})
 
 
 async def stream_stop(request: web.Request) -> web.StreamResponse:
     raw = await _body(request)  # any body: go-livepeer sends plain text, e.g. "stream ended"
-    stream_id = request.headers.get(STREAM_ID_HEADER) or stream_id_from_body(raw)
+    stream_id = _stream_id(request, raw)
     stopped = await _control(request).stop(stream_id)
     if stopped is None:
         return _json({"status": "not running", "stream_id": stream_id})
@@ -157,7 +238,8 @@ async def stream_stop(request: web.Request) -> web.StreamResponse:
 
 async def stream_status(request: web.Request) -> web.StreamResponse:
     control = _control(request)
-    wanted = request.query.get("stream_id") or request.headers.get(STREAM_ID_HEADER)
+    query = request.query.get("stream_id")
+    wanted = checked_stream_id(query, "stream_id") if query else _stream_id(request)
     if wanted:
         return _json(control.status(wanted).as_dict())
     return _json({"sessions": [stats.as_dict() for stats in control.statuses()]})
@@ -228,6 +310,9 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except InvalidRequest as exc:
         return _error(400, exc.message, field=exc.field)
+    except _ClientGone:
+        log.debug("%s %s: the client went away before sending its whole body", request.method, request.path)
+        return _error(400, "the request body broke off")
     except SessionNotFound as exc:
         return _error(404, str(exc))
     except SessionExists as exc:
@@ -241,7 +326,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _error(413, f"request body too large (limit {limit} bytes)")
     except web.HTTPException as exc:
         if exc.status >= 400:
-            return _error(exc.status, exc.reason)
+            return _json({"error": exc.reason}, status=exc.status, headers=_passed_on(exc))
         raise
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
@@ -249,15 +334,34 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _error(500, "internal error")
 
 
+def _passed_on(exc: web.HTTPException) -> dict[str, str]:
+    return {name: exc.headers[name] for name in ("Retry-After", "Allow") if name in exc.headers}
+
+
+@web.middleware
+async def _budget(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Requests with a body wait for room in the app's :class:`BodyBudget`; oversized ones get 413
+    before a byte of their body is read."""
+    if not request.body_exists:
+        return await handler(request)
+    settings = _control(request).settings
+    size = request.content_length if request.content_length is not None else settings.max_body_bytes
+    if size > settings.max_body_bytes:
+        raise web.HTTPRequestEntityTooLarge(max_size=settings.max_body_bytes, actual_size=size)
+    async with request.app[_BUDGET].reserve(size, BODY_WAIT_S):
+        return await handler(request)
+
+
 def build_app(control: Control) -> web.Application:
     """The API application, serving ``control`` (see :class:`Control`)."""
     settings = control.settings
-    middlewares = [_errors]
+    middlewares = [_errors, _budget]
     if settings.token:
         protected = {handler for _, _, handler, needs_token in ROUTES if needs_token}
         middlewares.append(_auth_middleware(settings.token, protected))
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[_CONTROL] = control
+    app[_BUDGET] = BodyBudget(settings.body_memory_bytes)
     for method, path, handler, _ in ROUTES:
         app.router.add_route(method, path, handler)
     return app

@@ -14,16 +14,23 @@ import threading
 
 from aiohttp import web
 
+from byoc.serve.connections import ACCEPT_BACKLOG, AcceptErrorLog, ConnectionGuard, ConnectionLimits
+
 __all__ = ["ApiServer"]
 
 log = logging.getLogger(__name__)
 
 
 class ApiServer:
-    """Serves an aiohttp application from a dedicated thread."""
+    """Serves an aiohttp application from a dedicated thread, within ``limits`` (byoc.serve.connections)."""
 
-    def __init__(self, app: web.Application, host: str, port: int) -> None:
+    def __init__(
+        self, app: web.Application, host: str, port: int, limits: ConnectionLimits | None = None
+    ) -> None:
         self._app = app
+        self._limits = limits or ConnectionLimits()
+        self._guard = ConnectionGuard(self._limits)
+        app.middlewares.insert(0, self._guard.middleware)
         self._host = host
         self._port = port
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -54,13 +61,30 @@ class ApiServer:
 
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._loop.set_exception_handler(AcceptErrorLog())
         self._stop = asyncio.Event()
-        runner = web.AppRunner(self._app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        runner = web.AppRunner(
+            self._app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=1.0,
+            keepalive_timeout=self._limits.header_timeout_s,  # also closes a connection sending no request
+        )
         await runner.setup()
+        server = runner.server
+        assert server is not None
         try:
-            site = web.TCPSite(runner, self._host, self._port)
-            await site.start()
-            self._started.set_result(runner.addresses[0][1] if runner.addresses else self._port)
-            await self._stop.wait()
+            listener = await self._loop.create_server(
+                lambda: self._guard.protocol(server),
+                self._host,
+                self._port,
+                reuse_address=True,
+                backlog=ACCEPT_BACKLOG,
+            )
+            try:
+                self._started.set_result(listener.sockets[0].getsockname()[1])
+                await self._stop.wait()
+            finally:
+                listener.close()
         finally:
             await runner.cleanup()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import types
 import typing
@@ -19,9 +20,11 @@ from typing import Any
 from byoc.errors import ConfigError
 from byoc.media.encoder import MAX_SEGMENT_S, EncoderSettings
 from byoc.spec import SessionSettings
-from byoc.trickle.client import TrickleClientSettings
+from byoc.trickle.client import HostRule, TrickleClientSettings
 
-__all__ = ["ENV_PREFIX", "DrainBudget", "Settings", "build_parser", "settings_from"]
+__all__ = ["ENV_PREFIX", "DrainBudget", "Settings", "build_parser", "settings_from", "warn_secret_flags"]
+
+log = logging.getLogger(__name__)
 
 ENV_PREFIX = "BYOC_"
 _ENCODER = EncoderSettings()  # the defaults of the media settings below
@@ -59,8 +62,15 @@ class DrainBudget:
         return max(0.05, remaining_s - self.teardown_margin_s)
 
 
-def _setting(default: Any, help: str, *, secret: bool = False, choices: Sequence[str] | None = None) -> Any:
-    metadata = {"help": help, "secret": secret, "choices": choices}
+def _setting(
+    default: Any,
+    help: str,
+    *,
+    secret: bool = False,
+    choices: Sequence[str] | None = None,
+    metavar: str | None = None,
+) -> Any:
+    metadata = {"help": help, "secret": secret, "choices": choices, "metavar": metavar}
     return field(default=default, metadata=metadata, repr=not secret)
 
 
@@ -69,18 +79,40 @@ class Settings:
     """Everything ``byoc serve`` can be told."""
 
     processor: str = _setting("passthrough", "processor: a built-in name or package.module:attr")
-    processor_option: tuple[str, ...] = _setting((), "KEY=VALUE passed to the processor (repeatable)")
+    processor_option: tuple[str, ...] = _setting(
+        (), "KEY=VALUE passed to the processor (repeatable)", metavar="KEY=VALUE"
+    )
     host: str = _setting("0.0.0.0", "address to listen on")
     port: int = _setting(8000, "port to listen on (0: any free port, logged at start)")
     max_sessions: int = _setting(4, "concurrent sessions this container accepts; more get 503")
     drain_timeout_s: float = _setting(8.0, "on SIGTERM, seconds to end every session and exit")
     token: str | None = _setting(None, "require 'Authorization: Bearer TOKEN' on stream routes", secret=True)
+    token_file: Path | None = _setting(None, "file holding the bearer token (instead of --token)")
     health_style: str = _setting(
         "byoc",
         "health body: byoc (status ok + details) or ai-runner (LOADING|IDLE|OK|ERROR)",
         choices=("byoc", "ai-runner"),
     )
-    max_body_bytes: int = _setting(10 * 1024 * 1024, "largest request body accepted (413 above)")
+    max_body_bytes: int = _setting(1024 * 1024, "largest request body accepted (413 above)")
+    max_params_bytes: int = _setting(
+        64 * 1024, "largest stream parameters, as JSON, a start or an update may carry (400 above)"
+    )
+    max_output_pixels: int = _setting(
+        1920 * 1080, "largest output a stream may ask for, width x height (400 above)"
+    )
+    api_max_connections: int | None = _setting(
+        None,
+        "HTTP connections at once (the oldest idle one makes way for a new one; a few more always serve "
+        "/health); default: what the open-file limit leaves beside the sessions' own connections",
+    )
+    api_header_timeout_s: float = _setting(
+        10.0, "seconds a connection may take to send a request's headers, or stay idle between requests"
+    )
+    api_body_timeout_s: float = _setting(30.0, "seconds a request may take to send its body (408 after)")
+    api_body_memory_bytes: int = _setting(
+        8 * 1024 * 1024,
+        "request bytes read at once over all connections; more wait briefly, then get 503",
+    )
     switch_interval_ms: float = _setting(
         0.2,
         "CPython GIL switch interval; shorter keeps /health and trickle I/O prompt while processors "
@@ -98,6 +130,17 @@ class Settings:
     status_interval_s: float = _setting(5.0, "seconds between status events of a session")
     max_session_s: float | None = _setting(None, "end a session after this many seconds")
     max_consecutive_errors: int = _setting(10, "processor failures in a row that end a session")
+    process_timeout_s: float = _setting(
+        30.0,
+        "a processor hook (process, on_params, ...) running longer ends its session as processor_hung "
+        "and its thread is abandoned (0: no limit)",
+    )
+    start_timeout_s: float = _setting(
+        10.0, "a start whose on_start runs longer is refused (503) and leaves nothing but the thread"
+    )
+    max_abandoned_threads: int = _setting(
+        2, "threads stuck in the processor beyond this make /health unready and starts 503"
+    )
     latency_budget_ms: float = _setting(
         500.0,
         "how long after it is due in stream time a frame may still be processed; later frames give way "
@@ -106,6 +149,18 @@ class Settings:
     # --- trickle ---
     insecure_tls: bool = _setting(
         False, "do not verify TLS certificates of the orchestrator (go-livepeer's are self-signed)"
+    )
+    output_failure_budget_s: float = _setting(
+        20.0,
+        "seconds a session's output may lose every segment (each one counted) before the session ends "
+        "with output_unreachable",
+    )
+    allowed_channel_hosts: tuple[str, ...] = _setting(
+        (),
+        "hosts the channel URLs of a start may name: host (any port), host:port or * (any host); "
+        "repeatable or comma-separated; default: the orchestrator's host when registering, else any "
+        "host. The container's own API address is always refused",
+        metavar="HOST[:PORT]",
     )
     # --- GPU memory budget ---
     gpu_memory_per_session_mb: float | None = _setting(
@@ -123,6 +178,11 @@ class Settings:
     price_scaling: int = _setting(1, "price denominator")
     currency: str = _setting("wei", "price currency (wei or eth)", choices=("wei", "eth"))
     reregister_interval_s: float = _setting(30.0, "while idle, register again this often (0: never)")
+    heartbeat_interval_s: float = _setting(
+        5.0,
+        "check that the orchestrator answers this often (0: never); after a failure, register again "
+        "as soon as it answers and no session runs",
+    )
     log_level: str = _setting("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     def __post_init__(self) -> None:
@@ -133,14 +193,37 @@ class Settings:
             problems.append(f"max_sessions must be >= 1, got {self.max_sessions}")
         if self.drain_timeout_s <= 0:
             problems.append(f"drain_timeout_s must be > 0, got {self.drain_timeout_s}")
+        if self.process_timeout_s < 0:
+            problems.append(f"process_timeout_s must be >= 0, got {self.process_timeout_s}")
+        if self.start_timeout_s <= 0:
+            problems.append(f"start_timeout_s must be > 0, got {self.start_timeout_s}")
+        if self.max_abandoned_threads < 0:
+            problems.append(f"max_abandoned_threads must be >= 0, got {self.max_abandoned_threads}")
+        for name in ("max_body_bytes", "max_params_bytes", "max_output_pixels", "api_body_memory_bytes"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.api_max_connections is not None and self.api_max_connections < 1:
+            problems.append(f"api_max_connections must be >= 1, got {self.api_max_connections}")
+        for name in ("api_header_timeout_s", "api_body_timeout_s"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
         if self.latency_budget_ms <= 0:
             problems.append(f"latency_budget_ms must be > 0, got {self.latency_budget_ms}")
+        if self.output_failure_budget_s <= 0:
+            problems.append(f"output_failure_budget_s must be > 0, got {self.output_failure_budget_s}")
         try:
             self.encoder()
         except ValueError as exc:
             problems.append(str(exc))
         if self.orchestrator_url and not (self.orch_secret or self.orch_secret_file):
             problems.append("orchestrator_url needs orch_secret or orch_secret_file")
+        problems += self._secret_problems()
+        try:
+            self.channel_host_rules()
+        except ValueError as exc:
+            problems.append(f"allowed_channel_hosts: {exc}")
+        if self.heartbeat_interval_s < 0:
+            problems.append(f"heartbeat_interval_s must be >= 0, got {self.heartbeat_interval_s}")
         for option in self.processor_option:
             if "=" not in option:
                 problems.append(f"processor_option must be KEY=VALUE, got {option!r}")
@@ -155,14 +238,29 @@ class Settings:
 
     def secret(self) -> str | None:
         """The orchestrator secret, from the setting or its file (read when needed, never logged)."""
-        if self.orch_secret:
-            return self.orch_secret
-        if self.orch_secret_file is not None:
+        return _secret_value(self.orch_secret, self.orch_secret_file, "orch_secret_file")
+
+    def bearer_token(self) -> str | None:
+        """The stream routes' bearer token, from the setting or its file (read when needed)."""
+        return _secret_value(self.token, self.token_file, "token_file")
+
+    def _secret_problems(self) -> list[str]:
+        """A secret given twice, or a secret file that cannot be read or is empty (which would
+        silently turn authentication off), is a configuration error at start-up."""
+        problems = []
+        for name in ("orch_secret", "token"):
             try:
-                return self.orch_secret_file.read_text().strip()
-            except OSError as exc:
-                raise ConfigError(f"cannot read orch_secret_file {self.orch_secret_file}: {exc}") from exc
-        return None
+                if getattr(self, name) and getattr(self, f"{name}_file") is not None:
+                    raise ConfigError(f"give {name} or {name}_file, not both")
+                _secret_value(None, getattr(self, f"{name}_file"), f"{name}_file")
+            except ConfigError as exc:
+                problems.append(str(exc))
+        return problems
+
+    def channel_host_rules(self) -> tuple[HostRule, ...]:
+        """``allowed_channel_hosts`` parsed (ValueError names a bad entry); empty: the default applies."""
+        entries = (part for option in self.allowed_channel_hosts for part in option.split(","))
+        return tuple(HostRule.parse(entry) for entry in entries if entry.strip())
 
     def advertised_url(self) -> str:
         """Where the orchestrator reaches this container (no trailing slash: O appends paths)."""
@@ -188,10 +286,27 @@ class Settings:
             drain_timeout_s=self.drain_budget().session_s,
             max_duration_s=self.max_session_s,
             max_consecutive_errors=self.max_consecutive_errors,
+            process_timeout_s=self.process_timeout_s or None,
             latency_budget_s=self.latency_budget_ms / 1000.0,
             thread_nice=self.thread_nice,
             trickle=self.trickle(),
+            output_failure_budget_s=self.output_failure_budget_s,
         )
+
+
+def _secret_value(value: str | None, path: Path | None, name: str) -> str | None:
+    """A secret given directly, or else read from ``path``; ConfigError when the file is unusable."""
+    if value:
+        return value
+    if path is None:
+        return None
+    try:
+        text = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {name} {path}: {exc}") from exc
+    if not text:
+        raise ConfigError(f"{name} {path} is empty")
+    return text
 
 
 def _flag(name: str) -> str:
@@ -254,7 +369,11 @@ def build_parser(
             )
         elif typing.get_origin(kind) is tuple:
             parser.add_argument(
-                _flag(item.name), action="append", default=None, metavar="KEY=VALUE", help=help_text
+                _flag(item.name),
+                action="append",
+                default=None,
+                metavar=item.metadata["metavar"],
+                help=help_text,
             )
             parser.set_defaults(**{f"{item.name}_env": default})
         else:
@@ -275,9 +394,29 @@ def settings_from(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
     args = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
     for item in dataclasses.fields(Settings):
-        if item.name == "processor_option":
-            given = args.get("processor_option")
-            values[item.name] = tuple(given) if given else tuple(args.get("processor_option_env", ()))
+        if f"{item.name}_env" in args:  # a repeatable option: the flags, else the environment's list
+            given = args.get(item.name)
+            values[item.name] = tuple(given) if given else tuple(args[f"{item.name}_env"])
         else:
             values[item.name] = args[item.name]
     return Settings(**values)
+
+
+def warn_secret_flags(argv: Sequence[str]) -> list[str]:
+    """Log a warning for each secret given as a flag (any process on the machine can read it in
+    ``/proc/PID/cmdline``); the flags, for the caller. The environment and the ``*_file`` options
+    keep secrets off the command line."""
+    given = vars(build_parser(environ={}).parse_args(argv))
+    flags = []
+    for item in dataclasses.fields(Settings):
+        if item.metadata["secret"] and given[item.name]:
+            flag = _flag(item.name)
+            flags.append(flag)
+            log.warning(
+                "%s on the command line is visible to every process on this machine; use %s-file or "
+                "the environment variable %s instead",
+                flag,
+                flag,
+                _env(item.name),
+            )
+    return flags

@@ -13,12 +13,13 @@ import asyncio
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from byoc.errors import SessionNotFound
+from byoc.errors import AdmissionRefused, SessionNotFound
 from byoc.serve.api import ApiSettings
 from byoc.serve.config import Settings
 from byoc.serve.health import HealthView
 from byoc.serve.manager import SessionManager
 from byoc.serve.metrics import RuntimeMetrics
+from byoc.serve.validation import ChannelPolicy, RequestLimits, check_params_size
 from byoc.session.stats import SessionStatistics
 from byoc.spec import EndReason, StreamSpec
 from byoc.threads import run_on_loop
@@ -29,8 +30,11 @@ __all__ = ["RuntimeControl", "api_settings"]
 def api_settings(settings: Settings) -> ApiSettings:
     """The part of the runtime's settings the API uses."""
     return ApiSettings(
-        token=settings.token,
+        token=settings.bearer_token(),
         max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.api_body_timeout_s,
+        body_memory_bytes=settings.api_body_memory_bytes,
+        limits=RequestLimits(settings.max_params_bytes, settings.max_output_pixels),
         health_style=settings.health_style,
         capability=settings.capability_name,
         processor=settings.processor,
@@ -54,14 +58,23 @@ class RuntimeControl:
         self._settings = settings
         self._health = health
         self._metrics = metrics
+        self._channels: ChannelPolicy | None = None
 
     @property
     def settings(self) -> ApiSettings:
         return self._settings
 
+    def guard_channels(self, policy: ChannelPolicy) -> None:
+        """Check every start's channel URLs against ``policy`` (set once the API's port is known;
+        starts before that are refused with 503)."""
+        self._channels = policy
+
     # --- commands: run on the main loop ---------------------------------------------------------
 
     async def start(self, spec: StreamSpec) -> str:
+        if self._channels is None:
+            raise AdmissionRefused("the container is still starting")
+        self._channels.check(spec)  # on this thread, before anything is created for the stream
         return await run_on_loop(self._main, self._start(spec))
 
     async def update_params(self, stream_id: str | None, params: Mapping[str, Any]) -> str:
@@ -79,6 +92,8 @@ class RuntimeControl:
             raise SessionNotFound(
                 f"no session {stream_id!r}" if stream_id else "no stream id given and not one session"
             )
+        merged = {**session.statistics().params, **params}  # updates add up: bound what they add up to
+        check_params_size(merged, self._settings.limits.max_params_bytes)
         session.update_params(params)
         return session.stream_id
 

@@ -29,6 +29,8 @@ class HealthView:
     uptime_s: float
     error: str | None = None
     registration: str | None = None
+    abandoned_threads: int = 0
+    """Threads left behind in a processor hook that never returned, still running."""
 
 
 # ai-runner's vocabulary has no DRAINING: LOADING takes a container out of go-livepeer's pool, which is
@@ -46,7 +48,8 @@ def health_response(view: HealthView, style: str = "byoc") -> tuple[int, dict[st
     """HTTP status and JSON body of ``/health``.
 
     byoc style: 200 ``{"status": "ok", ...}`` while the runtime can serve (IDLE or OK), 503 with the state
-    while it loads, drains or is broken, so load balancers route elsewhere. ai-runner style: always 200
+    while it loads, drains or is broken (more threads stuck in the processor than allowed is broken), so
+    load balancers route elsewhere. ai-runner style: always 200
     with ``{"status": LOADING|IDLE|OK|ERROR}``, the body go-livepeer's LV2V mode reads.
     """
     if style == "ai-runner":
@@ -58,6 +61,7 @@ def health_response(view: HealthView, style: str = "byoc") -> tuple[int, dict[st
         "sessions": view.sessions,
         "capacity": view.capacity,
         "uptime_s": round(view.uptime_s, 3),
+        "abandoned_threads": view.abandoned_threads,
     }
     if view.error:
         body["error"] = view.error

@@ -11,18 +11,26 @@ runtime's main loop, the loop that created them. Every other thread reads snapsh
 the HTTP API through byoc.serve.control.RuntimeControl, which runs :meth:`~SessionManager.start`,
 :meth:`~SessionManager.resolve`, :meth:`~SessionManager.stop` and ``Session.update_params`` on the
 main loop. ``Session.update_params`` refuses to run anywhere else.
+
+A processor that hangs poisons the process: its thread cannot be killed, only left behind. A start
+whose ``on_start`` does not return within ``start_timeout_s`` is refused (503) and its session ended
+at once; every thread a session leaves behind is counted while it runs
+(:meth:`SessionManager.abandoned_threads`), and past ``max_abandoned_threads`` starts are refused and
+``/health`` is unready (:meth:`SessionManager.poisoned`), so that the orchestrator sends work elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections import Counter
 from collections.abc import Callable
 
 import aiohttp
 
 from byoc.errors import AdmissionRefused, ProcessorError, SessionExists, SessionNotFound
+from byoc.media.stage import Stage
 from byoc.processor import Processor
 from byoc.serve.metrics import FrameTotals
 from byoc.serve.system import trim_memory
@@ -33,8 +41,6 @@ from byoc.spec import EndReason, SessionSettings, StreamSpec
 __all__ = ["SessionManager"]
 
 log = logging.getLogger(__name__)
-
-_START_TIMEOUT_S = 10.0
 
 
 class SessionManager:
@@ -49,6 +55,8 @@ class SessionManager:
         *,
         max_sessions: int,
         gate: Callable[[], str | None] = lambda: None,
+        start_timeout_s: float = 10.0,
+        max_abandoned_threads: int = 2,
     ) -> None:
         self.processor = processor
         """Shared by every session; None until it is loaded (starts are refused meanwhile)."""
@@ -57,12 +65,16 @@ class SessionManager:
         self._observer = observer
         self.max_sessions = max_sessions
         self._gate = gate
+        self.start_timeout_s = start_timeout_s
+        self.max_abandoned_threads = max_abandoned_threads
         self._sessions: dict[str, Session] = {}
         self._tasks: dict[str, asyncio.Task[EndReason]] = {}
         self._retired_in = self._retired_out = self._started = 0
         self._retired_dropped: Counter[str] = Counter()
         self._ended: Counter[str] = Counter()
-        self._stuck: dict[str, list[str]] = {}
+        # (stream id, stage, the stage held weakly: freed with its session once its thread returns);
+        # replaced, never mutated, as the API thread reads it
+        self._left_behind: list[tuple[str, str, weakref.ref[Stage]]] = []
 
     # --- queries --------------------------------------------------------------------------------
 
@@ -84,8 +96,30 @@ class SessionManager:
         return None
 
     def stuck_stages(self) -> dict[str, list[str]]:
-        """Sessions that had to leave a thread behind (a processor that never returned), by stream id."""
-        return dict(self._stuck)
+        """Ended sessions whose threads are still running, left behind in a processor hook that never
+        returned: the stages by stream id."""
+        stuck: dict[str, list[str]] = {}
+        for stream_id, name in self._still_running():
+            stuck.setdefault(stream_id, []).append(name)
+        return stuck
+
+    def abandoned_threads(self) -> int:
+        """Threads that ended sessions left behind and that still run (safe from the API thread)."""
+        return len(self._still_running())
+
+    def _still_running(self) -> list[tuple[str, str]]:
+        return [
+            (stream_id, name)
+            for stream_id, name, reference in self._left_behind
+            if (stage := reference()) is not None and stage.running
+        ]
+
+    def poisoned(self) -> str | None:
+        """Why this process should get no more work (too many threads stuck in the processor), or None."""
+        count = self.abandoned_threads()
+        if count > self.max_abandoned_threads:
+            return f"{count} threads are stuck in the processor (more than {self.max_abandoned_threads})"
+        return None
 
     def statistics(self) -> list[SessionStatistics]:
         """Every session's snapshot (safe to call from the API thread)."""
@@ -111,7 +145,7 @@ class SessionManager:
         running = sum(1 for session in self._sessions.values() if not session.stopping)
         if running >= self.max_sessions:
             raise AdmissionRefused(f"at capacity: {running} of {self.max_sessions} sessions running")
-        if reason := self._gate():
+        if reason := self.poisoned() or self._gate():
             raise AdmissionRefused(reason)
         if self.processor is None:
             raise AdmissionRefused("the processor is still loading")
@@ -124,16 +158,21 @@ class SessionManager:
         return session
 
     async def start(self, spec: StreamSpec) -> Session:
-        """Admit a session and wait until its processor hooks ran ``on_start``."""
+        """Admit a session and wait until its processor hooks ran ``on_start``; a start that fails or
+        does not return within ``start_timeout_s`` leaves nothing behind but, for a hang, the thread."""
         session = self.admit(spec)
+        task = self._tasks[spec.stream_id]
         try:
-            async with asyncio.timeout(_START_TIMEOUT_S):
+            async with asyncio.timeout(self.start_timeout_s):
                 await session.wait_started()
         except TimeoutError:
-            log.warning("stream %s: on_start is still running after %.0fs", spec.stream_id, _START_TIMEOUT_S)
+            message = f"the processor's on_start() did not return within {self.start_timeout_s:g}s"
+            session.abandon_processor(EndReason.PROCESSOR_HUNG, message)
+            await asyncio.shield(task)
+            raise AdmissionRefused(message) from None
         except ProcessorError:
             session.stop(EndReason.PROCESSOR_ERROR)
-            await asyncio.shield(self._tasks[spec.stream_id])
+            await asyncio.shield(task)
             raise
         return session
 
@@ -174,8 +213,11 @@ class SessionManager:
             self._retired_out += stats.frames_out
             self._retired_dropped.update(stats.dropped)
             self._ended[str(session.end_reason or reason)] += 1
-            if stuck := session.stuck_stages():
-                self._stuck[session.stream_id] = stuck
+            if stuck := session.running_stages():
+                running = set(self._still_running())
+                kept = [entry for entry in self._left_behind if entry[:2] in running]
+                added = [(session.stream_id, name, weakref.ref(stage)) for name, stage in stuck.items()]
+                self._left_behind = kept + added
             self._sessions.pop(session.stream_id, None)
             self._tasks.pop(session.stream_id, None)
             trim_memory()  # what the session freed goes back to the system, not just to malloc

@@ -3,7 +3,9 @@
 The container announces where it lives and what it costs with ``POST /capability/register`` and keeps
 announcing it: the orchestrator holds registrations in memory only and forgets them on restart without
 telling anyone. Registering again also zeroes the orchestrator's load counter for the capability, so
-the periodic refresh happens only while no session runs (§1.7, pitfalls P1 and P5).
+the periodic refresh happens only while no session runs (§1.7, pitfalls P1 and P5). Between
+registrations a heartbeat checks that the orchestrator answers; after a failed heartbeat or
+registration the container registers again as soon as the orchestrator answers and no session runs.
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ log = logging.getLogger(__name__)
 
 
 class RegistrarState(enum.StrEnum):
-    """Where the registration stands; see :class:`Registrar`."""
+    """Where the registration stands (``/health`` reports it); see :class:`Registrar`."""
 
     UNREGISTERED = "unregistered"
     REGISTERING = "registering"
     REGISTERED = "registered"
+    UNREACHABLE = "unreachable"
+    PENDING = "pending"
     REFUSED = "refused"
     UNREGISTERED_ON_SHUTDOWN = "unregistered_on_shutdown"
 
@@ -44,7 +48,7 @@ class RegistrarState(enum.StrEnum):
 REGISTER_PATH = "/capability/register"
 UNREGISTER_PATH = "/capability/unregister"
 DEFAULT_RETRY = RetryPolicy(
-    max_retries=1_000_000, initial_delay_s=0.5, max_delay_s=10.0, max_elapsed_s=float("inf")
+    max_retries=1_000_000, initial_delay_s=0.5, max_delay_s=5.0, max_elapsed_s=float("inf")
 )
 _LOCAL_CURRENCIES = ("", "wei", "eth")
 _QUOTE_CHARS = 200
@@ -95,7 +99,7 @@ class CapabilityInfo:
             price_per_unit=settings.price_per_unit,
             price_scaling=settings.price_scaling,
             currency=settings.currency,
-            token=settings.token or "",
+            token=settings.bearer_token() or "",
         )
 
     def body(self) -> dict[str, str | int]:
@@ -117,11 +121,14 @@ class CapabilityInfo:
 class Registrar:
     """Registers this container's capability with a go-livepeer orchestrator and keeps it registered.
 
-    ``state`` is ``unregistered`` before the first attempt, ``registering`` while an attempt runs or after
-    one failed in a retryable way, ``registered``, ``refused`` after a 400 (wrong secret or bad body: never
-    retried), and ``unregistered_on_shutdown`` after a successful :meth:`unregister`. Apart from a refusal,
-    :meth:`run` never stops trying on its own; ``retry`` only shapes the delays (at ``max_delay_s`` once
-    its budget is spent).
+    ``state`` is ``unregistered`` before the first attempt, ``registering`` while the first attempt runs,
+    ``registered`` after a registration that every heartbeat since has confirmed, ``unreachable`` after a
+    heartbeat or registration failed in a retryable way (transport error, timeout, dropped connection,
+    5xx; the orchestrator may have restarted and forgotten the registration), ``pending`` once it answers
+    again while sessions run (registering waits for them to end, P1), ``refused`` after a 400 (wrong
+    secret or bad body: never retried), and ``unregistered_on_shutdown`` after a successful
+    :meth:`unregister`. Apart from a refusal, :meth:`run` never stops trying on its own; ``retry`` only
+    shapes the delays (at ``max_delay_s`` once its budget is spent).
     """
 
     def __init__(
@@ -133,6 +140,7 @@ class Registrar:
         *,
         retry: RetryPolicy = DEFAULT_RETRY,
         reregister_interval_s: float = 30.0,
+        heartbeat_interval_s: float = 5.0,
         request_timeout_s: float = 5.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
@@ -141,14 +149,17 @@ class Registrar:
             raise ConfigError(f"orchestrator_url must be an http(s) URL, got {orchestrator_url!r}")
         if "\r" in secret or "\n" in secret:
             raise ConfigError("the orchestrator secret contains a line break and cannot be sent as a header")
-        if reregister_interval_s < 0 or request_timeout_s <= 0:
-            raise ConfigError("reregister_interval_s must be >= 0 and request_timeout_s > 0")
+        if reregister_interval_s < 0 or heartbeat_interval_s < 0 or request_timeout_s <= 0:
+            raise ConfigError(
+                "reregister_interval_s and heartbeat_interval_s must be >= 0 and request_timeout_s > 0"
+            )
         self._http = http
         self._shown = str(URL(self._base).with_user(None))
         self._secret = secret
         self.capability = capability
         self._retry = retry
         self._interval = reregister_interval_s
+        self._heartbeat = heartbeat_interval_s
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s)
         self._sleep = sleep
         self._state = RegistrarState.UNREGISTERED
@@ -167,6 +178,7 @@ class Registrar:
             secret,
             CapabilityInfo.from_settings(settings),
             reregister_interval_s=settings.reregister_interval_s,
+            heartbeat_interval_s=settings.heartbeat_interval_s,
         )
 
     @property
@@ -183,7 +195,8 @@ class Registrar:
 
     async def register_once(self) -> None:
         """One ``POST /capability/register``: ConfigError on 400, a retryable ByocError on anything else."""
-        self._state = RegistrarState.REGISTERING
+        if self._state is RegistrarState.UNREGISTERED:
+            self._state = RegistrarState.REGISTERING
         name = self.capability.name
         body = json.dumps(self.capability.body()).encode()
         try:
@@ -192,7 +205,7 @@ class Registrar:
             currency, hint = self.capability.currency, ""
             if isinstance(exc, aiohttp.ServerDisconnectedError) and currency.lower() not in _LOCAL_CURRENCIES:
                 hint = f" (an orchestrator without a price feed drops the connection for {currency!r})"
-            raise self._failed(_RetryableError, self._describe(exc) + hint) from exc
+            raise self._unreachable(self._describe(exc) + hint) from exc
         if 200 <= status < 300:  # the body is "ok" although Content-Type says JSON: not parsed
             self._state, self._last_error = RegistrarState.REGISTERED, None
             level = logging.INFO if not self._announced or self._failures else logging.DEBUG
@@ -206,22 +219,54 @@ class Registrar:
             else:
                 reason = f"refused the registration of {name!r}"
             raise self._failed(ConfigError, f"{reason}: 400 {text!r}")
-        raise self._failed(_RetryableError, f"answered {status} {text!r}")
+        raise self._unreachable(f"answered {status} {text!r}")
+
+    async def check_once(self) -> None:
+        """One heartbeat: ``GET`` on the register route, without the secret. Any answer below 500
+        (go-livepeer's is 405) shows the orchestrator is up; a transport error, timeout or 5xx raises a
+        retryable ByocError and makes the state ``unreachable``."""
+        try:
+            async with self._http.get(self._base + REGISTER_PATH, **self._options()) as resp:
+                await resp.read()
+        except (aiohttp.ClientError, OSError) as exc:
+            raise self._unreachable(self._describe(exc)) from exc
+        if resp.status >= 500:
+            raise self._unreachable(f"answered the heartbeat with {resp.status}")
 
     async def run(self, is_idle: Callable[[], bool]) -> None:
-        """Register until it works, then again every ``reregister_interval_s`` while ``is_idle()``.
+        """Register until it works, then keep the registration: a heartbeat every
+        ``heartbeat_interval_s``, a registration again every ``reregister_interval_s`` while
+        ``is_idle()``, and after any failure a registration as soon as the orchestrator answers and no
+        session runs (with backoff).
 
-        Returns only after a refusal (or at once when re-registration is off and the first one worked).
+        Returns only after a refusal (or at once when heartbeat and re-registration are both off and the
+        first registration worked).
         """
-        if not await self._register_with_retries(None) or self._interval <= 0:
+        if not await self._keep_trying(lambda: True, failed=False):
             return
-        while True:
-            await self._sleep(self._interval)
-            if not is_idle():
-                log.debug("not registering %r again now: sessions are running", self.capability.name)
+        tick = self._heartbeat or self._interval
+        since_registered = 0.0
+        while tick > 0:
+            await self._sleep(tick)
+            since_registered += tick
+            due = 0 < self._interval <= since_registered
+            try:
+                if due and is_idle():
+                    await self.register_once()
+                    since_registered = 0.0
+                elif self._heartbeat > 0:
+                    await self.check_once()
+                else:
+                    log.debug("not registering %r again now: sessions are running", self.capability.name)
                 continue
-            if not await self._register_with_retries(is_idle):
+            except ConfigError as exc:
+                log.error("%s; giving up on registration", exc)
                 return
+            except _RetryableError as exc:
+                self._note_failure(exc)
+            if not await self._keep_trying(is_idle, failed=True):
+                return
+            since_registered = 0.0
 
     async def unregister(self) -> None:
         """``POST /capability/unregister`` with the raw name as the body; failures are only logged."""
@@ -239,36 +284,48 @@ class Registrar:
 
     # --- internals ----------------------------------------------------------------------------------
 
-    async def _register_with_retries(self, still_idle: Callable[[], bool] | None) -> bool:
-        """True once registered (or put off because sessions started), False after a refusal."""
+    async def _keep_trying(self, is_idle: Callable[[], bool], *, failed: bool) -> bool:
+        """Register as soon as the orchestrator takes it, retrying with backoff (after a first delay
+        when ``failed``). While sessions run only the heartbeat is tried (``pending`` once it answers):
+        registering then would zero the orchestrator's load counter (P1). True once registered, False
+        after a refusal."""
         retry_state = RetryState()
+        if failed:
+            retry_state = await self._back_off(retry_state)
         while True:
             try:
-                await self.register_once()
-                return True
+                if is_idle():
+                    await self.register_once()
+                    return True
+                await self.check_once()
+                if self._state is RegistrarState.UNREACHABLE:
+                    self._state = RegistrarState.PENDING
+                    log.info("orchestrator %s answers again; registering once no session runs", self._shown)
             except ConfigError as exc:
                 log.error("%s; giving up on registration", exc)
                 return False
             except _RetryableError as exc:
-                self._failures += 1
-                retry_state, delay = self._retry.after_failure(retry_state, time.monotonic())
-                delay = self._retry.max_delay_s if delay is None else delay
-                loud = self._failures == 1 or self._failures % _WARN_EVERY == 0
-                level = logging.WARNING if loud else logging.DEBUG
-                log.log(level, "%s (failure %d in a row); retrying in %.1fs", exc, self._failures, delay)
-            await self._sleep(delay)
-            if still_idle is not None and not still_idle():
-                log.debug("registering %r again put off: sessions started", self.capability.name)
-                return True
+                self._note_failure(exc)
+            retry_state = await self._back_off(retry_state)
+
+    def _note_failure(self, exc: ByocError) -> None:
+        self._failures += 1
+        loud = self._failures == 1 or self._failures % _WARN_EVERY == 0
+        level = logging.WARNING if loud else logging.DEBUG
+        log.log(level, "%s (failure %d in a row); retrying with backoff", exc, self._failures)
+
+    async def _back_off(self, retry_state: RetryState) -> RetryState:
+        retry_state, delay = self._retry.after_failure(retry_state, time.monotonic())
+        await self._sleep(self._retry.max_delay_s if delay is None else delay)
+        return retry_state
+
+    def _options(self) -> dict[str, Any]:
+        # No redirects (the secret stays with this host) and no raise_for_status from the caller's session.
+        return {"timeout": self._timeout, "allow_redirects": False, "raise_for_status": False}
 
     async def _post(self, path: str, body: bytes, content_type: str) -> tuple[int, str]:
         headers = {"Authorization": self._secret, "Content-Type": content_type}
-        # No redirects (the secret stays with this host) and no raise_for_status from the caller's session.
-        options: dict[str, Any] = {
-            "timeout": self._timeout,
-            "allow_redirects": False,
-            "raise_for_status": False,
-        }
+        options = self._options()
         async with self._http.post(self._base + path, data=body, headers=headers, **options) as resp:
             raw = await resp.read()
         text = raw.decode("utf-8", "replace").strip()
@@ -285,6 +342,10 @@ class Registrar:
         message = self._redact(f"orchestrator {self._shown} {detail}")
         self._last_error = message
         return kind(message)
+
+    def _unreachable(self, detail: str) -> ByocError:
+        self._state = RegistrarState.UNREACHABLE
+        return self._failed(_RetryableError, detail)
 
     def _redact(self, text: str) -> str:
         return text.replace(self._secret, "<secret>") if self._secret else text

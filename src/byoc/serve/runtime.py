@@ -11,7 +11,8 @@ thread of its own, registers the capability, and serves until SIGTERM/SIGINT or 
 4. tear the processor down and stop listening; exit 0.
 
 Past the deadline whatever is left is cancelled and the exit code is 1, with a log line naming what
-hung. A second signal exits at once.
+hung. A second signal exits at once. A stop while the processor is still loading (its import or
+``setup()``) does not wait for it: the load is abandoned on its thread, logged, and the exit code is 1.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Sequence
+from typing import Any
 
 import aiohttp
 
@@ -33,6 +35,7 @@ from byoc.processor import Processor, load_processor
 from byoc.serve.api import build_app
 from byoc.serve.apiserver import ApiServer
 from byoc.serve.config import Settings
+from byoc.serve.connections import connection_limits
 from byoc.serve.control import RuntimeControl, api_settings
 from byoc.serve.gpu import DeviceMemory, GpuMonitor, MemoryBudget, TorchMemory, torch_memory
 from byoc.serve.health import HealthView, RuntimeState
@@ -40,6 +43,7 @@ from byoc.serve.manager import SessionManager
 from byoc.serve.metrics import FrameTotals, RuntimeMetrics
 from byoc.serve.registration import Registrar
 from byoc.serve.system import memory_limit
+from byoc.serve.validation import ChannelPolicy, channel_policy
 from byoc.threads import run_in_thread
 from byoc.trickle.client import create_client_session
 
@@ -75,6 +79,7 @@ class Runtime:
         self._draining = False
         self._error: str | None = None
         self._started = time.monotonic()
+        self._loading_step = "import"
         self._manager: SessionManager | None = None
         self._registrar: Registrar | None = None
         self._registration: asyncio.Task[None] | None = None
@@ -97,8 +102,17 @@ class Runtime:
     def _stalled_for(self) -> float:
         return time.monotonic() - self._heartbeat
 
+    def _problem(self) -> str | None:
+        """Why the runtime is in ERROR: a failed load, a stalled main loop, or more threads stuck in the
+        processor than ``max_abandoned_threads``; None when there is nothing wrong."""
+        if self._error is not None:
+            return self._error
+        if self._stalled_for() > _STALL_S:
+            return f"the main event loop has not run for {self._stalled_for():.1f}s"
+        return self._manager.poisoned() if self._manager is not None else None
+
     def runtime_state(self) -> RuntimeState:
-        if self._error is not None or self._stalled_for() > _STALL_S:
+        if self._problem() is not None:
             return RuntimeState.ERROR
         if self._loading:
             return RuntimeState.LOADING
@@ -108,16 +122,14 @@ class Runtime:
 
     def health_view(self) -> HealthView:
         registration = self._registrar.state if self._registrar is not None else None
-        error = self._error
-        if error is None and self._stalled_for() > _STALL_S:
-            error = f"the main event loop has not run for {self._stalled_for():.1f}s"
         return HealthView(
             self.runtime_state(),
             self.sessions_active(),
             self.settings.max_sessions,
             time.monotonic() - self._started,
-            error,
+            self._problem(),
             registration,
+            self._manager.abandoned_threads() if self._manager is not None else 0,
         )
 
     def sessions_active(self) -> int:
@@ -177,6 +189,8 @@ class Runtime:
                 self.metrics,
                 max_sessions=self.settings.max_sessions,
                 gate=self._admission_gate,
+                start_timeout_s=self.settings.start_timeout_s,
+                max_abandoned_threads=self.settings.max_abandoned_threads,
             )
             control = RuntimeControl(
                 self._manager,
@@ -185,8 +199,14 @@ class Runtime:
                 health=self.health_view,
                 metrics=self.metrics,
             )
-            self._api = ApiServer(build_app(control), self.settings.host, self.settings.port)
+            limits = connection_limits(
+                max_connections=self.settings.api_max_connections,
+                max_sessions=self.settings.max_sessions,
+                header_timeout_s=self.settings.api_header_timeout_s,
+            )
+            self._api = ApiServer(build_app(control), self.settings.host, self.settings.port, limits)
             self.port = await self._api.start()
+            await self._guard_channels(control, self.port)
             log.info(
                 "listening on %s:%s (processor %s)", self.settings.host, self.port, self.settings.processor
             )
@@ -196,9 +216,47 @@ class Runtime:
             finally:
                 await self._api.stop()
 
+    async def _guard_channels(self, control: RuntimeControl, port: int) -> None:
+        """Tell the API which hosts a start's channel URLs may name, now that its port is known
+        (docs/protocol.md §2.9); warn when any host is allowed and anyone may call the API."""
+        settings, built = self.settings, list[ChannelPolicy]()
+
+        def build() -> None:  # resolves this machine's host name: off the event loop
+            rules = settings.channel_host_rules()
+            built.append(
+                channel_policy(
+                    rules,
+                    orchestrator_url=settings.orchestrator_url,
+                    listen_host=settings.host,
+                    api_port=port,
+                    advertised_url=settings.advertised_url(),
+                )
+            )
+
+        await run_in_thread(build, "channel-policy")
+        control.guard_channels(built[0])
+        warning = built[0].exposure_warning(settings.host, token=bool(settings.bearer_token()))
+        if warning:
+            log.warning("%s", warning)
+
     async def _serve(self, http: aiohttp.ClientSession, shutdown: Awaitable[object] | None) -> int:
+        waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._drain_requested.wait())]
+        if shutdown is not None:
+            waiters.append(asyncio.ensure_future(shutdown))
         try:
-            await self._load()
+            return await self._load_and_serve(http, waiters)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def _load_and_serve(self, http: aiohttp.ClientSession, waiters: list[asyncio.Future[Any]]) -> int:
+        """Load the processor (a stop meanwhile abandons the load), then serve until a waiter is done."""
+        load = asyncio.ensure_future(self._load())
+        await asyncio.wait([load, *waiters], return_when=asyncio.FIRST_COMPLETED)
+        if not load.done():
+            return await self._abandon_load(load)
+        try:
+            load.result()
         except Exception as exc:
             self._error = f"processor failed to load: {exc}"
             log.error("%s", self._error, exc_info=not isinstance(exc, ByocError))
@@ -213,32 +271,51 @@ class Runtime:
                 registrar = self._registrar.run(is_idle=lambda: self.sessions_active() == 0)
                 self._registration = tasks.create_task(registrar, name="registration")
                 background.append(self._registration)
-            waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(self._drain_requested.wait())]
-            if shutdown is not None:
-                waiters.append(asyncio.ensure_future(shutdown))
             try:
                 await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
                 return await self._drain()
             finally:
                 for task in background:
                     task.cancel()
-                for waiter in waiters:
-                    waiter.cancel()
 
     async def _load(self) -> None:
         reference, options = self.settings.processor, self.settings.processor_options
         started = time.monotonic()
+        log.info("loading processor %s", reference)
         if self._processor is None:
             loaded: list[Processor] = []
+            self._loading_step = "import"
             await run_in_thread(lambda: loaded.append(load_processor(reference, options)), "processor-import")
             self._processor = loaded[0]
         processor = self._processor
+        self._loading_step = "setup"
+        log.info("processor %s: setup() running", reference)
         await run_in_thread(processor.setup, "processor-setup")
         self.budget.set_baseline()
         self.manager.processor = processor
         self._loading = False
         self._ready.set()
         log.info("processor %s ready in %.2fs", reference, time.monotonic() - started)
+
+    async def _abandon_load(self, load: asyncio.Future[None]) -> int:
+        """Stop while the processor is still loading: nothing is served yet, so nothing is drained.
+
+        The import or ``setup()`` runs on a daemon thread that cannot be interrupted; it is left
+        behind (``teardown()`` is not called, as ``setup()`` never finished) and the process exits
+        at once with ``EXIT_HUNG``, well within the drain deadline.
+        """
+        self._draining = True
+        load.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await load
+        log.error(
+            "stopped while loading: the processor's %s was abandoned on thread processor-%s "
+            "(teardown() is not called); exit code %d",
+            "import" if self._loading_step == "import" else "setup()",
+            self._loading_step,
+            EXIT_HUNG,
+        )
+        return EXIT_HUNG
 
     async def _beat(self) -> None:
         """Proof for /health (served on another thread) that the main loop is alive."""

@@ -14,6 +14,11 @@ session publishes is DELETEd, so the gateway sees the end at once.
 A session is ``starting`` until :meth:`Session.run` has started its tasks, then ``running``, then
 ``ended`` (:class:`SessionState`).
 
+A processor hook that does not return within ``process_timeout_s`` ends the session as
+``processor_hung`` (:meth:`Session.abandon_processor`): a Python thread cannot be killed, so the
+session stops waiting for its processing thread, ends at once and never joins that thread again; the
+runtime counts it among the threads left behind.
+
 Trickle failures follow one policy, whichever of the five channels they happen on: it is written down
 in :mod:`byoc.session.policy`, and every channel task hands its errors to ``Session._trickle_failed``.
 
@@ -31,25 +36,41 @@ import enum
 import logging
 import threading
 import time
+import weakref
 from collections import Counter
-from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 import aiohttp
 
-from byoc.errors import ChannelClosed, ChannelGone, InvalidRequest, ProcessorError, TrickleError
+from byoc.errors import (
+    ChannelClosed,
+    ChannelGone,
+    InvalidRequest,
+    ProcessorError,
+    RetriesExhausted,
+    TrickleError,
+)
 from byoc.logs import current_stream_id
 from byoc.media.decoder import Decoder
 from byoc.media.encoder import Encoder
 from byoc.media.items import Item, ParamsItem, VideoItem, due_of
 from byoc.media.queues import DROP_REASONS, Closed, StageQueue
+from byoc.media.stage import Stage
 from byoc.params import check_update
 from byoc.params import max_fps as parse_max_fps
 from byoc.processor import Processor, SessionContext
 from byoc.session.events import final_event, status_event
-from byoc.session.policy import trickle_failure
+from byoc.session.policy import FailureBudget, trickle_failure
 from byoc.session.sink import FINISHED, LoopSink, coalesce
-from byoc.session.stats import AudioCounts, LatencyWindow, RateMeter, SessionStatistics, TrickleCounts
+from byoc.session.stats import (
+    AudioCounts,
+    LatencyWindow,
+    OutputLosses,
+    RateMeter,
+    SessionStatistics,
+    TrickleCounts,
+)
 from byoc.session.worker import ProcessingWorker
 from byoc.spec import EndReason, SessionSettings, StreamSpec
 from byoc.threads import call_in_loop
@@ -60,13 +81,18 @@ from byoc.trickle.subscriber import TrickleSubscriber
 
 __all__ = ["Session", "SessionObserver", "SessionState"]
 
-_EVENT_ONCE = frozenset({"audio_decode", "audio_encode"})
+_EVENT_ONCE = frozenset({"audio_decode", "audio_encode", "output"})
 """Error kinds that also send one ``error`` event, the first time: the audio is dropped, the video
 and the session go on (the errors counts say how often)."""
 
 log = logging.getLogger(__name__)
 
 _CLOSE_GRACE_S = 0.2
+_T = TypeVar("_T")
+
+_CLEANUP_S = 1.0
+"""Of the drain timeout, what the end keeps for the final event and the DELETEs (a quarter of it when
+that is less); they get at least this long even when the drain used up its time."""
 """Between a session's last write and the DELETE of its channels: time for readers to fetch it."""
 
 
@@ -97,6 +123,51 @@ class _NoObserver:
         pass
 
 
+_P = ParamSpec("_P")
+
+
+def _weakly(method: Callable[_P, object]) -> Callable[_P, None]:
+    """A session's bound ``method`` that does not keep the session alive (a no-op once it is gone).
+
+    The stages and the context hold the session's callbacks while the session holds them: strong
+    references back would make cycles that free an ended session — with its stages' codec contexts,
+    frames and threads — only when the cyclic garbage collector happens to run.
+    """
+    target = weakref.WeakMethod(method)
+
+    def call(*args: _P.args, **kwargs: _P.kwargs) -> None:
+        bound = target()
+        if bound is not None:
+            bound(*args, **kwargs)
+
+    return call
+
+
+def _forget_cancellation(task: asyncio.Task[Any]) -> None:
+    """Drop the CancelledError a cancelled task keeps until someone asks for its result.
+
+    Its traceback holds the frames the cancellation went through, and so the session; when one of those
+    frames holds something that refers to the task (an ``asyncio.timeout``), that is a cycle.
+    """
+    if task.cancelled():
+        with contextlib.suppress(asyncio.CancelledError):
+            task.exception()  # hands the kept error over (and forgets it), raising it here
+
+
+class _WeakSink:
+    """The session as its context's EventSink, held weakly (see :func:`_weakly`)."""
+
+    def __init__(self, session: Session) -> None:
+        self._send_data = _weakly(session.send_data)
+        self._send_event = _weakly(session.send_event)
+
+    def send_data(self, message: Any) -> None:
+        self._send_data(message)
+
+    def send_event(self, event: Mapping[str, Any]) -> None:
+        self._send_event(event)
+
+
 class Session:
     """One stream. Create it, ``await run()``, and call ``stop()`` / ``update_params()`` meanwhile."""
 
@@ -117,6 +188,7 @@ class Session:
         self._stopping = asyncio.Event()
         self._started = asyncio.Event()
         self._worker_done = asyncio.Event()
+        self._worker_abandoned = False
         self._events: asyncio.Queue[tuple[dict[str, Any], str | None]] = asyncio.Queue()
         self._data: asyncio.Queue[bytes] = asyncio.Queue()
         self._state = SessionState.STARTING
@@ -129,7 +201,14 @@ class Session:
         self._latency = LatencyWindow()
         self._subscribers: list[TrickleSubscriber] = []
         self._publishers: list[TricklePublisher] = []
-        self.context = SessionContext(spec.stream_id, spec.width, spec.height, dict(spec.params), self)
+        self._end_by: float | None = None  # stop() + drain_timeout_s: when the session must have ended
+        self._output_budget = FailureBudget(s.output_failure_budget_s, EndReason.OUTPUT_UNREACHABLE)
+        self._output_step: asyncio.Timeout | None = None  # the output's publishing step in progress
+        self._output_cut_off = False  # past the drain deadline: no more output is sent
+        self._lost_segments: Counter[str] = Counter()  # guarded by _errors_lock
+        self._lost_frames: Counter[str] = Counter()
+        sink = _WeakSink(self)
+        self.context = SessionContext(spec.stream_id, spec.width, spec.height, dict(spec.params), sink)
         self._params = dict(spec.params)
         self._frames: StageQueue[Item] = StageQueue(
             capacity=s.queue_capacity, budget_s=s.latency_budget_s, due_of=due_of
@@ -148,7 +227,7 @@ class Session:
                 max_fps=spec.max_fps,
                 name=f"decode-{spec.stream_id}",
                 nice=s.thread_nice,
-                on_error=self._error,
+                on_error=_weakly(self._error),
                 on_frame=self._input_rate.tick,
                 max_buffered_bytes=s.input_buffer_bytes,
                 latency_budget_s=s.latency_budget_s,
@@ -161,7 +240,7 @@ class Session:
             max_consecutive_errors=s.max_consecutive_errors,
             name=f"process-{spec.stream_id}",
             nice=s.thread_nice,
-            on_error=self._error,
+            on_error=_weakly(self._error),
             on_started=self._from_thread(self._started.set),
             on_exit=self._from_thread(self._worker_done.set),
             on_processed=self._observer.processed,
@@ -175,15 +254,17 @@ class Session:
                 dataclasses.replace(s.encoder, width=spec.width, height=spec.height),
                 name=f"encode-{spec.stream_id}",
                 nice=s.thread_nice,
-                on_frame=self._frame_done,
-                on_error=self._error,
+                on_frame=_weakly(self._frame_done),
+                on_error=_weakly(self._error),
             )
 
     def _from_thread(self, callback: Callable[[], object]) -> Callable[[], None]:
         """``callback`` made safe to call from another thread: it runs on the session's loop."""
 
+        loop = self._loop  # not self: the stages would hold the session (see _weakly)
+
         def schedule() -> None:
-            call_in_loop(self._loop, callback)
+            call_in_loop(loop, callback)
 
         return schedule
 
@@ -203,10 +284,13 @@ class Session:
         return self._stopping.is_set()
 
     def stop(self, reason: EndReason = EndReason.STOPPED) -> None:
-        """Ask the session to end: the input stops, the pipeline drains, then it cleans up."""
+        """Ask the session to end: the input stops, the pipeline drains, then it cleans up, all within
+        ``drain_timeout_s``."""
         if self._reason is None:
             self._reason = reason
             log.info("stream %s: ending (%s)", self.stream_id, reason)
+        if self._end_by is None:
+            self._end_by = time.monotonic() + self.settings.drain_timeout_s
         self._stopping.set()
 
     def update_params(self, params: Mapping[str, Any]) -> bool:
@@ -241,8 +325,25 @@ class Session:
 
     def stuck_stages(self) -> list[str]:
         """The stages whose threads are still running (after the end: the ones left behind, hung)."""
+        return list(self.running_stages())
+
+    def running_stages(self) -> dict[str, Stage]:
+        """:meth:`stuck_stages` with the stages themselves, to tell later whether they ever finish."""
         stages = (("decoder", self._decoder), ("processor", self._worker), ("encoder", self._encoder))
-        return [name for name, stage in stages if stage is not None and stage.running]
+        return {name: stage for name, stage in stages if stage is not None and stage.running}
+
+    def abandon_processor(self, reason: EndReason, message: str) -> None:
+        """End now without waiting for the processing thread, which is stuck in a hook: the session
+        stops waiting for it and never joins it; the other stages finish with what they have."""
+        if self._worker_abandoned:
+            return
+        self._worker_abandoned = True
+        stack = self._worker.stack()
+        log.error("stream %s: %s; its thread is abandoned at:\n%s", self.stream_id, message, stack)
+        self._error("hung", message)
+        self.stop(reason)
+        self._close_queues()
+        self._worker_done.set()
 
     async def wait_started(self) -> None:
         """Return once the processor's ``on_start`` ran; raise ProcessorError if it failed."""
@@ -322,6 +423,7 @@ class Session:
             last_error=self._last_error or worker.last_error,
             end_reason=str(self._reason) if self._reason and self._state is SessionState.ENDED else None,
             trickle=self._trickle_counts(),
+            output_lost=self._output_losses(),
             audio=AudioCounts(
                 encoder.audio_frames_in,
                 encoder.audio_seconds_in,
@@ -332,6 +434,10 @@ class Session:
             if encoder
             else AudioCounts(),
         )
+
+    def _output_losses(self) -> OutputLosses:
+        with self._errors_lock:
+            return OutputLosses(dict(self._lost_segments), dict(self._lost_frames))
 
     def _trickle_counts(self) -> TrickleCounts:
         subscribers = [s.statistics() for s in list(self._subscribers)]
@@ -369,6 +475,9 @@ class Session:
                     background.append(
                         tasks.create_task(self._publish_data(DataWriter(data)), name=f"{name}:data")
                     )
+                if self.settings.process_timeout_s:
+                    watchdog = self._watch_processor(self.settings.process_timeout_s)
+                    background.append(tasks.create_task(watchdog, name=f"{name}:watchdog"))
                 if self.settings.max_duration_s:
                     deadline = self._deadline(self.settings.max_duration_s)
                     background.append(tasks.create_task(deadline, name=f"{name}:deadline"))
@@ -377,6 +486,7 @@ class Session:
                     await self._run_pipeline(output)
                 finally:
                     for task in background:
+                        task.add_done_callback(_forget_cancellation)
                         task.cancel()
         finally:
             self._state = SessionState.ENDED
@@ -433,17 +543,25 @@ class Session:
             self._frames.close()
 
     async def _enforce_drain_deadline(self) -> None:
+        """Past the drain's share of ``drain_timeout_s`` the pipeline stops (what it still holds is not
+        sent), so that the final event and the DELETEs fit in the rest."""
         await self._stopping.wait()
-        await asyncio.sleep(self.settings.drain_timeout_s)
+        cleanup_s = _cleanup_s(self.settings.drain_timeout_s)
+        drain_s = self.settings.drain_timeout_s - cleanup_s
+        await asyncio.sleep(max(0.0, self._end_deadline() - cleanup_s - time.monotonic()))
         stuck = self.stuck_stages()
         log.error(
             "stream %s: drain took over %.1fs; still busy: %s",
             self.stream_id,
-            self.settings.drain_timeout_s,
-            ", ".join(stuck) or "nothing",
+            drain_s,
+            ", ".join(stuck) or "the output",
         )
-        self._last_error = f"drain timed out; still busy: {', '.join(stuck)}"
+        self._last_error = f"drain timed out; still busy: {', '.join(stuck) or 'the output'}"
         self._close_queues()
+        self._cut_output()
+        if self._worker.running:  # stuck in a hook: the session ends without it
+            self._worker_abandoned = True
+            self._worker_done.set()
 
     def _close_queues(self) -> None:
         """Let every stage that still can finish finish now (a hung processor is left behind)."""
@@ -480,36 +598,99 @@ class Session:
             decoder.end()
 
     async def _pump_output(self, output: TricklePublisher) -> None:
-        """Publish the encoder's segments as their bytes arrive, until the encoder has finished."""
+        """Publish the encoder's segments as their bytes arrive, until the encoder has finished.
+
+        Every segment the encoder ends is either published or counted as lost (:meth:`_output_lost`).
+        Once the output is over (gone, out of its failure budget, or cut at the drain deadline) the
+        encoder's remaining segments are counted, not sent.
+        """
         segment: PublishSegment | None = None
-        failed = False
+        lost: str | None = None  # why the encoder's current segment is not (all) being published
+        over = False
         first = True
         while True:
             for item in coalesce(await self._sink.take()):
                 if item is FINISHED:
                     if segment is not None:
-                        await segment.abort()
+                        with contextlib.suppress(TrickleError, TimeoutError):
+                            await self._publishing(segment.abort())
                     return
-                if failed:
-                    continue
                 assert isinstance(item, tuple)
                 data = item[1]
-                try:
-                    if segment is None:
-                        segment = output.segment()
-                        await segment.open()
-                    if data is not None:
-                        await segment.write(data)
-                        continue
-                    await segment.finish()
-                    segment = None
+                if isinstance(data, bytes):  # more of the encoder's current segment
+                    if lost is None and not over:
+                        try:
+                            if segment is None:
+                                segment = output.segment()
+                                await self._publishing(segment.open())
+                            await self._publishing(segment.write(data))
+                        except (TrickleError, TimeoutError) as exc:
+                            lost, over = self._output_failed(exc)
+                            segment = None
+                    continue
+                # The end of the encoder's current segment, which holds `data` video frames.
+                if segment is not None and lost is None and not over:
+                    try:
+                        lost = await self._publishing(segment.finish())
+                    except (TrickleError, TimeoutError) as exc:
+                        lost, over = self._output_failed(exc)
+                segment = None
+                if over or lost is not None:
+                    over = self._output_lost(lost or "unreachable", data, counted_against_budget=not over)
+                elif data:
+                    self._output_budget.succeeded()
                     if first:
                         first = False
                         self.send_event({"type": "send_first_processed_segment"}, "stream_trace")
-                except TrickleError as exc:
-                    if self._trickle_failed("output", exc) is not None:
-                        failed = True  # the encoder's remaining output is dropped
-                        self._close_queues()
+                lost = None
+
+    async def _publishing(self, step: Coroutine[Any, Any, _T]) -> _T:
+        """One step of publishing the output, cut short with TimeoutError at the drain deadline."""
+        if self._output_cut_off:
+            step.close()
+            raise TimeoutError("the output was cut off at the drain deadline")
+        try:
+            async with asyncio.timeout(None) as self._output_step:
+                return await step
+        finally:
+            self._output_step = None
+
+    def _cut_output(self) -> None:
+        self._output_cut_off = True
+        if self._output_step is not None:
+            self._output_step.reschedule(asyncio.get_running_loop().time())
+
+    def _output_failed(self, error: TrickleError | TimeoutError) -> tuple[str, bool]:
+        """Why the output's current segment is lost, and whether the output is over."""
+        if self._output_cut_off:
+            return "unreachable", True
+        if isinstance(error, (ChannelGone, ChannelClosed)):
+            self._trickle_failed("output", error)  # ends the session
+            self._close_queues()
+            return "unreachable", True
+        log.warning("stream %s: output segment lost: %s", self.stream_id, error)
+        return ("unreachable" if isinstance(error, RetriesExhausted) else "refused"), False
+
+    def _output_lost(self, reason: str, frames: int, *, counted_against_budget: bool) -> bool:
+        """Count an output segment the gateway cannot have received whole (an ``output`` error);
+        returns whether the output is over: its failure budget is spent, which ends the session."""
+        with self._errors_lock:
+            self._lost_segments[reason] += 1
+            self._lost_frames[reason] += frames
+        self._error("output", f"output segment lost ({reason}): {frames} video frames")
+        if not counted_against_budget:
+            return True
+        end = self._output_budget.failed()
+        if end is None:
+            return False
+        log.error(
+            "stream %s: the output lost every segment for over %.1fs; giving it up",
+            self.stream_id,
+            self._output_budget.budget_s,
+        )
+        self.stop(end)
+        self._close_queues()  # the encoder's remaining output is counted, not sent
+        return True
 
     async def _watch_control(self, url: str) -> None:
         try:
@@ -519,6 +700,17 @@ class Session:
             self._trickle_failed("control", None)
         except TrickleError as exc:
             self._trickle_failed("control", exc)
+
+    async def _watch_processor(self, timeout_s: float) -> None:
+        """The watchdog: a hook call (``on_start`` aside, which admission bounds) that runs past
+        ``timeout_s`` ends the session as ``processor_hung``."""
+        while True:
+            await asyncio.sleep(min(1.0, timeout_s / 4))
+            busy = self._worker.busy()
+            if busy is not None and busy[0] != "on_start" and busy[1] > timeout_s:
+                message = f"the processor's {busy[0]}() did not return within {timeout_s:g}s"
+                self.abandon_processor(EndReason.PROCESSOR_HUNG, message)
+                return
 
     async def _deadline(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -569,26 +761,58 @@ class Session:
                 if self._trickle_failed("data", exc) is not None:
                     return
 
+    def _end_deadline(self) -> float:
+        """When the session must have ended: ``drain_timeout_s`` after it was asked to stop (from now,
+        for an end nobody asked for)."""
+        return self._end_by if self._end_by is not None else time.monotonic() + self.settings.drain_timeout_s
+
+    async def _send_final_event(self, events: TricklePublisher, timeout_s: float) -> None:
+        """The ``stream_stopped`` event, within ``timeout_s``; whatever goes wrong is logged, not raised."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                final = final_event(self.statistics(), str(self._reason))
+                await self._send_event(EventsWriter(events), final)
+        except TimeoutError:
+            log.warning("stream %s: the final event got no answer within %.1fs", self.stream_id, timeout_s)
+        except Exception:
+            log.exception("stream %s: the final event could not be sent", self.stream_id)
+
+    async def _close_channels(self, channels: list[TricklePublisher], end_by: float) -> None:
+        """DELETE ``channels`` (and end their uploads), giving up at ``end_by``."""
+        try:
+            async with asyncio.timeout(max(0.0, end_by - time.monotonic())):
+                await asyncio.gather(*(p.close() for p in channels), return_exceptions=True)
+        except TimeoutError:
+            log.warning("stream %s: its channels did not answer the DELETEs in time", self.stream_id)
+
     async def _finish(self, *publishers: TricklePublisher | None) -> None:
-        """Final event, then DELETE every channel this session publishes."""
+        """Final event, then DELETE every channel this session publishes: the DELETEs whatever became of
+        the final event (even when the session is cancelled meanwhile), and both by the session's end
+        deadline, so that channels that never answer cannot hold the end up."""
         self._close_queues()
+        end_by = max(self._end_deadline(), time.monotonic() + _CLEANUP_S)
         events, *others = publishers
-        if events is not None:
-            stats = self.statistics()
-            final = final_event(stats, str(self._reason))
-            with contextlib.suppress(TrickleError, TimeoutError):
-                async with asyncio.timeout(self.settings.trickle.response_timeout_s):
-                    await self._send_event(EventsWriter(events), final)
         open_channels = [p for p in (*others, events) if p is not None]
-        if open_channels:
-            # A DELETE makes the trickle server forget the channel's segments at once: a reader that has
-            # not yet asked for the last one (the final event, the last output segment) would get 404.
-            await asyncio.sleep(_CLOSE_GRACE_S)
-        await asyncio.gather(*(p.close() for p in open_channels), return_exceptions=True)
-        for stage in (self._decoder, self._worker, self._encoder):
+        try:
+            if events is not None:
+                await self._send_final_event(events, (end_by - time.monotonic()) / 2)
+            if open_channels:
+                # A DELETE makes the trickle server forget the channel's segments at once: a reader that
+                # has not yet asked for the last one (the final event, the last output segment) would
+                # get 404.
+                await asyncio.sleep(min(_CLOSE_GRACE_S, (end_by - time.monotonic()) / 4))
+        finally:
+            await self._close_channels(open_channels, end_by)
+        joined = (self._decoder, None if self._worker_abandoned else self._worker, self._encoder)
+        for stage in joined:
             if stage is not None and stage.running:  # finishing now, unless it hangs in user code
                 await asyncio.to_thread(stage.join, 1.0)
         log.info("stream %s: ended (%s)", self.stream_id, self._reason)
+
+
+def _cleanup_s(drain_timeout_s: float) -> float:
+    """What of ``drain_timeout_s`` is kept for the final event and the DELETEs."""
+    return min(_CLEANUP_S, drain_timeout_s / 4)
 
 
 def _since(now: float, moment: float | None) -> float | None:

@@ -8,9 +8,13 @@ from collections import deque
 
 from byoc.threads import call_in_loop
 
-__all__ = ["FINISHED", "LoopSink", "coalesce"]
+__all__ = ["FINISHED", "Item", "LoopSink", "coalesce"]
 
 FINISHED = object()
+
+Item = tuple[int, bytes | int] | object
+"""``(segment, data)`` for bytes of a segment, ``(segment, frames)`` for its end (it holds ``frames``
+video frames), or :data:`FINISHED`."""
 
 
 class LoopSink:
@@ -22,7 +26,7 @@ class LoopSink:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._items: deque[tuple[int, bytes | None] | object] = deque()
+        self._items: deque[Item] = deque()
         self._lock = threading.Lock()
         self._ready = asyncio.Event()
         self._wake_pending = False
@@ -30,13 +34,13 @@ class LoopSink:
     def write(self, segment: int, data: bytes) -> None:
         self._push((segment, data))
 
-    def end(self, segment: int) -> None:
-        self._push((segment, None))
+    def end(self, segment: int, frames: int) -> None:
+        self._push((segment, frames))
 
     def close(self) -> None:
         self._push(FINISHED)
 
-    def _push(self, item: tuple[int, bytes | None] | object) -> None:
+    def _push(self, item: Item) -> None:
         with self._lock:
             self._items.append(item)
             if self._wake_pending:
@@ -49,7 +53,7 @@ class LoopSink:
             self._wake_pending = False
         self._ready.set()
 
-    async def take(self) -> list[tuple[int, bytes | None] | object]:
+    async def take(self) -> list[Item]:
         """Everything written since the last call (waits for something)."""
         while True:
             with self._lock:
@@ -61,16 +65,16 @@ class LoopSink:
             await self._ready.wait()
 
 
-def coalesce(items: list[tuple[int, bytes | None] | object]) -> list[tuple[int, bytes | None] | object]:
+def coalesce(items: list[Item]) -> list[Item]:
     """Join consecutive writes to the same segment into one."""
-    out: list[tuple[int, bytes | None] | object] = []
+    out: list[Item] = []
     for item in items:
         previous = out[-1] if out else None
         if (
             isinstance(item, tuple)
             and isinstance(previous, tuple)
-            and item[1] is not None
-            and previous[1] is not None
+            and isinstance(item[1], bytes)
+            and isinstance(previous[1], bytes)
             and previous[0] == item[0]
         ):
             out[-1] = (item[0], previous[1] + item[1])

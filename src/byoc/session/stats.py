@@ -9,7 +9,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["AudioCounts", "LatencyWindow", "RateMeter", "SessionStatistics", "TrickleCounts", "percentile"]
+__all__ = [
+    "AudioCounts",
+    "LatencyWindow",
+    "OutputLosses",
+    "RateMeter",
+    "SessionStatistics",
+    "TrickleCounts",
+    "percentile",
+]
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float | None:
@@ -76,6 +84,20 @@ class TrickleCounts:
 
 
 @dataclass(frozen=True, slots=True)
+class OutputLosses:
+    """Output segments (and the video frames in them) that the gateway cannot have received whole, by
+    reason: ``refused`` (the server answered the upload with an error status), ``broken`` (the upload
+    broke off or got no answer), ``unreachable`` (none of it could be sent: the output did not answer,
+    was gone, or was given up). Each lost segment is also counted as an ``output`` error."""
+
+    segments: Mapping[str, int] = field(default_factory=dict)
+    frames: Mapping[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        return {"segments": dict(self.segments), "frames": dict(self.frames)}
+
+
+@dataclass(frozen=True, slots=True)
 class AudioCounts:
     """The session's audio: what reached the encoder, what went out as Opus, and what was not sent.
 
@@ -101,7 +123,12 @@ class AudioCounts:
 
 @dataclass(frozen=True, slots=True)
 class SessionStatistics:
-    """A consistent snapshot of one session, the single source for status, events and metrics."""
+    """A consistent snapshot of one session, the single source for status, events and metrics.
+
+    ``frames_out``, ``output_segments`` and ``output_bytes`` count what the encoder produced, published
+    or not; what of it was lost on the way to the gateway is counted in ``output_lost``, so that frames
+    out minus lost frames (and segments out minus lost segments) is what the gateway can have received.
+    """
 
     stream_id: str
     state: str
@@ -126,6 +153,7 @@ class SessionStatistics:
     end_reason: str | None = None
     trickle: TrickleCounts = field(default_factory=TrickleCounts)
     audio: AudioCounts = field(default_factory=AudioCounts)
+    output_lost: OutputLosses = field(default_factory=OutputLosses)
 
     @property
     def frames_dropped(self) -> int:
@@ -152,6 +180,7 @@ class SessionStatistics:
                 "bytes": self.output_bytes,
                 "frames": self.frames_out,
                 "fps": round(self.output_fps, 2),
+                "lost": self.output_lost.as_dict(),
             },
             "dropped": dict(self.dropped),
             "errors": dict(self.errors),

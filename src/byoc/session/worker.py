@@ -6,7 +6,11 @@ coroutine that blocks only ever blocks its own session's loop. Parameter updates
 queue as the frames and are applied between two frames.
 
 A frame whose ``process`` raises is dropped and counted; ``max_consecutive_errors`` failures in a row
-end the session with a :class:`~byoc.errors.ProcessorError`.
+end the session with a :class:`~byoc.errors.ProcessorError`. Whatever else ends the thread — a
+``SystemExit`` or ``KeyboardInterrupt`` from a hook — is recorded as the session's error and logged.
+
+The worker says which hook it is in and since when (:meth:`ProcessingWorker.busy`), so that the
+session's watchdog can tell a hook that never returns (byoc/session/session.py).
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import sys
 import time
+import traceback
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -104,9 +110,20 @@ class ProcessingWorker(Stage):
         self._needs_loop = any(is_async_hook(hook) for hook in hooks)
         self._frames_out = self._dropped = self._errors = self._consecutive = 0
         self._last_error: str | None = None
+        self._busy: tuple[str, float] | None = None  # (hook, monotonic start), replaced as a whole
 
     def statistics(self) -> ProcessingStatistics:
         return ProcessingStatistics(self._frames_out, self._dropped, self._last_error)
+
+    def busy(self) -> tuple[str, float] | None:
+        """The hook running now and for how many seconds it has run; None between two calls."""
+        busy = self._busy
+        return None if busy is None else (busy[0], time.monotonic() - busy[1])
+
+    def stack(self) -> str:
+        """Where the worker thread is now (for the log line of a hook that does not return)."""
+        frame = sys._current_frames().get(self._thread.ident or 0) if self._thread is not None else None
+        return "".join(traceback.format_stack(frame)) if frame is not None else ""
 
     # --- the worker thread ----------------------------------------------------------------------
 
@@ -119,12 +136,32 @@ class ProcessingWorker(Stage):
         except Closed:
             pass  # the encoder stopped taking frames
         except BaseException as exc:  # reported to the session, which ends with this error
+            self._ended_by(exc)  # before self.error: the log line wants the traceback intact
             self.error = exc
         finally:
             self._source.close()  # the decoder stops instead of filling a queue nobody reads
             if self._output is not None:
                 self._output.close()
             self._on_exit()
+
+    def _ended_by(self, exc: BaseException) -> None:
+        """Record and log what ended the thread. A ProcessorError was counted where it was raised;
+        anything else (``SystemExit``, ``KeyboardInterrupt``) came from the processor uncounted."""
+        if isinstance(exc, ProcessorError):
+            message = str(exc)
+            self._last_error = self._last_error or message
+        else:
+            message = self._last_error = _describe(exc)
+            self._on_error(error_kind(exc))
+        log.error("processing ended: %s", message, exc_info=exc)
+
+    async def _call(self, hook: str, call: Callable[[], Any]) -> Any:
+        """Run one hook (awaiting it if it is a coroutine), marked busy for the watchdog meanwhile."""
+        self._busy = (hook, time.monotonic())
+        try:
+            return await _resolve(call())
+        finally:
+            self._busy = None
 
     def _serve_sync(self) -> None:
         _run_now(self._start())
@@ -160,7 +197,7 @@ class ProcessingWorker(Stage):
 
     async def _start(self) -> None:
         try:
-            await _resolve(self._processor.on_start(self._context))
+            await self._call("on_start", lambda: self._processor.on_start(self._context))
         except Exception as exc:
             self._on_error("process")
             raise ProcessorError(f"on_start failed: {type(exc).__name__}: {exc}") from exc
@@ -168,7 +205,7 @@ class ProcessingWorker(Stage):
 
     async def _stop(self) -> None:
         try:
-            await _resolve(self._processor.on_stop(self._context))
+            await self._call("on_stop", lambda: self._processor.on_stop(self._context))
         except Exception:
             log.exception("on_stop failed")
 
@@ -177,7 +214,8 @@ class ProcessingWorker(Stage):
         if isinstance(item, VideoItem):
             started = time.perf_counter()
             try:
-                result = await _resolve(processor.process(Frame(item.frame, item.index), context))
+                frame_in = Frame(item.frame, item.index)
+                result = await self._call("process", lambda: processor.process(frame_in, context))
                 frame = to_video_frame(result, item.frame)
             except Exception as exc:
                 self._dropped += 1  # the frame is lost with the failure: counted like a frame it dropped
@@ -193,7 +231,8 @@ class ProcessingWorker(Stage):
             self._emit(item)
         elif isinstance(item, AudioItem) and self._custom_audio:
             try:
-                result = await _resolve(processor.process_audio(item.frame, context))
+                audio = item.frame
+                result = await self._call("process_audio", lambda: processor.process_audio(audio, context))
             except Exception as exc:
                 self._failed(exc)
                 return
@@ -202,7 +241,8 @@ class ProcessingWorker(Stage):
         elif isinstance(item, ParamsItem):
             context.params.update(item.params)
             try:
-                await _resolve(processor.on_params(context, item.params))
+                params = item.params
+                await self._call("on_params", lambda: processor.on_params(context, params))
             except Exception as exc:
                 self._failed(exc)
         else:
@@ -215,7 +255,7 @@ class ProcessingWorker(Stage):
     def _failed(self, exc: Exception) -> None:
         self._errors += 1
         self._consecutive += 1
-        self._last_error = f"{type(exc).__name__}: {exc}"
+        self._last_error = _describe(exc)
         self._on_error(error_kind(exc))
         if self._errors == 1 or self._errors % 100 == 0:
             log.error("processor failed (%d so far)", self._errors, exc_info=exc)
@@ -234,6 +274,12 @@ def error_kind(exc: BaseException) -> str:
     ):
         return "oom"
     return "process"
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message``, or just ``Type`` for an exception without a message."""
+    message = str(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 async def _resolve(result: Any) -> Any:

@@ -3,19 +3,27 @@
 Trickle requests must not have a total timeout: a GET may wait a long time for the first byte of a
 segment that has not started, and a pre-connected POST waits for the segment's data. Instead there is a
 connect timeout, an idle-read timeout once a body flows, and a refresh period for requests that wait.
+
+Trickle requests never follow redirects (every call passes ``allow_redirects=False``): a channel URL
+names the host the container talks to, and a 3xx is a failure like any other unexpected status
+(docs/protocol.md §4.4). :class:`HostRule` and :func:`url_address` say which host a URL names, parsed
+as aiohttp parses it, for the checks of where the container may connect to.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 import ssl
 from dataclasses import dataclass, field
 
 import aiohttp
+from yarl import URL
 
 from byoc.trickle.protocol import RetryPolicy
 
-__all__ = ["TrickleClientSettings", "create_client_session"]
+__all__ = ["HostRule", "TrickleClientSettings", "create_client_session", "host_key", "url_address"]
 
 log = logging.getLogger(__name__)
 
@@ -67,3 +75,65 @@ def create_client_session(settings: TrickleClientSettings) -> aiohttp.ClientSess
     connector = aiohttp.TCPConnector(limit=0, ssl=ssl_context, enable_cleanup_closed=True)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s)
     return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
+
+
+def host_key(host: str) -> str:
+    """A host name or IP literal as compared: lower case, no brackets or trailing dot, and IP addresses
+    in canonical form, including the legacy IPv4 spellings the resolver accepts (``127.1``,
+    ``2130706433``, ``0x7f.0.0.1``) and IPv4-mapped IPv6 addresses."""
+    host = host.strip().strip("[]").rstrip(".").lower()
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            address = ipaddress.IPv4Address(socket.inet_aton(host))
+        except (OSError, ValueError):
+            return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return str(address)
+
+
+def url_address(url: str) -> tuple[str, int]:
+    """The host (as :func:`host_key`) and port an http(s) URL connects to, parsed by yarl as aiohttp
+    does (so the check and the request cannot read the URL differently). ValueError when it has none."""
+    parsed = URL(url)
+    if not parsed.host or parsed.port is None:
+        raise ValueError(f"no host or port in {url[:100]!r}")
+    return host_key(parsed.host), parsed.port
+
+
+@dataclass(frozen=True, slots=True)
+class HostRule:
+    """One allowed host: ``host`` (any port), ``host:port``, ``[v6]:port``, or ``*`` (any host)."""
+
+    host: str
+    port: int | None = None
+
+    @classmethod
+    def parse(cls, entry: str) -> HostRule:
+        """ValueError when ``entry`` is not a bare host with an optional port."""
+        text = entry.strip()
+        if text == "*":
+            return cls("*")
+        problem = ValueError(f"not a host or host:port: {entry!r}")
+        if not text or any(c.isspace() or c in "/@?#\\" for c in text):
+            raise problem
+        try:
+            parsed = URL("http://" + text)
+        except ValueError:
+            raise problem from None
+        if not parsed.host:
+            raise problem
+        return cls(host_key(parsed.host), parsed.explicit_port)
+
+    def allows(self, host: str, port: int) -> bool:
+        """Whether the address ``host`` (as :func:`host_key`), ``port`` is allowed by this rule."""
+        if self.host == "*":
+            return True
+        return self.host == host and self.port in (None, port)
+
+    def __str__(self) -> str:
+        if self.port is None:
+            return self.host
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"

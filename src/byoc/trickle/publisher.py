@@ -10,7 +10,10 @@
 
 The POST for the next seq is opened while the current one is written (pre-connect). A seq is retried
 only if zero bytes of it were sent; a segment cut after some bytes is never POSTed again (the server
-would append to it): the publisher DELETEs that seq so readers are released, and moves on.
+would append to it): the publisher DELETEs that seq so readers are released, and moves on. Such a
+segment is lost, and :meth:`PublishSegment.finish` says how (:data:`SegmentLoss`): ``refused`` when the
+server answered the POST with an error status (it may not have read a byte of it), ``broken`` when the
+connection failed or no answer came.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import Any, Literal, Self
 
 import aiohttp
 
@@ -43,12 +46,15 @@ from byoc.trickle.protocol import (
     segment_url,
 )
 
-__all__ = ["PublishSegment", "PublisherStatistics", "TricklePublisher"]
+__all__ = ["PublishSegment", "PublisherStatistics", "SegmentLoss", "TricklePublisher"]
 
 log = logging.getLogger(__name__)
 
 _TRANSPORT_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
 _HIGH_WATER_BYTES = 8 * 1024 * 1024
+
+SegmentLoss = Literal["refused", "broken"]
+"""Why a segment whose upload had started did not reach the server whole."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,20 +133,27 @@ class _PendingPost:
     def __init__(self, publisher: TricklePublisher, seq: int, *, reset: bool) -> None:
         self.seq = seq
         self.feed = _BodyFeed()
+        self.status: int | None = None
+        """The status of the last answer; None when the last attempt got none (a transport error)."""
         self._publisher = publisher
         self._headers = {"Content-Type": publisher.mime_type}
         if reset:
             self._headers[RESET_HEADER] = "1"
         self.task = asyncio.create_task(self._run(), name=f"trickle-post {publisher.url} {seq}")
+        publisher._track(self.task)
 
     async def _run(self) -> PostOutcome:
         pub = self._publisher
         url = segment_url(pub.url, self.seq)
         state = RetryState()
         while True:
+            self.status = None
             try:
-                async with pub._session.post(url, data=self.feed.reader(), headers=self._headers) as response:
+                async with pub._session.post(
+                    url, data=self.feed.reader(), headers=self._headers, allow_redirects=False
+                ) as response:
                     await response.read()
+                    self.status = response.status
                     outcome = classify_post(response.status, response.headers)
             except _TRANSPORT_ERRORS as exc:
                 outcome = Retry(f"POST seq {self.seq}: {exc!r}")
@@ -201,11 +214,12 @@ class PublishSegment:
         if post.feed.buffered > _HIGH_WATER_BYTES:
             await post.feed.wait_drained()
 
-    async def finish(self) -> None:
-        """End the segment and wait for the server to confirm it."""
+    async def finish(self) -> SegmentLoss | None:
+        """End the segment and wait for the server to confirm it; None once it is stored, else how it
+        was lost (raises when the channel is over, or when none of it could be sent)."""
         post, self._post = self._post, None
         if post is None:
-            return
+            return None
         post.feed.finish()
         try:
             async with asyncio.timeout(self._publisher.settings.response_timeout_s):
@@ -213,7 +227,8 @@ class PublishSegment:
         except TimeoutError:
             outcome = Retry(f"no answer to POST seq {post.seq}")
             await post.cancel()
-        await self._publisher._settle(post, outcome)
+            post.status = None
+        return await self._publisher._settle(post, outcome)
 
     async def abort(self) -> None:
         """Give the segment up: a partly sent seq is DELETEd, an unsent one is reused."""
@@ -231,7 +246,10 @@ class PublishSegment:
         if not self._broken:
             self._broken = True
             log.info(
-                "%s: seq %d ended early (%s); dropping the rest of it", self._publisher.url, post.seq, outcome
+                "%s: seq %d ended early (%s); dropping the rest of it",
+                self._publisher.url,
+                post.seq,
+                _answer(post, outcome),
             )
 
 
@@ -261,6 +279,9 @@ class TricklePublisher:
         self._reset = reset
         self._delete_broken = delete_broken_segments
         self._next: _PendingPost | None = None
+        self._requests: set[asyncio.Task[Any]] = set()
+        """Every request still running on its own: POSTs (pre-connected or carrying a segment) and the
+        DELETEs of abandoned seqs. close() ends them."""
         self._closed = False
         self._segments = self._bytes = self._broken = self._retries = 0
 
@@ -286,7 +307,7 @@ class TricklePublisher:
         state = RetryState()
         while True:
             try:
-                async with self._session.get(next_url(self.url)) as response:
+                async with self._session.get(next_url(self.url), allow_redirects=False) as response:
                     text = await response.text()
                     status = response.status
             except _TRANSPORT_ERRORS as exc:
@@ -306,19 +327,24 @@ class TricklePublisher:
         return PublisherStatistics(self._segments, self._bytes, self._broken, self._retries, self._seq)
 
     async def close(self) -> None:
-        """End the channel: DELETE it so readers see the end of the stream. Idempotent."""
+        """End the channel: DELETE it so readers see the end of the stream, and end every upload
+        still running (one the server never answers would otherwise wait for ever). Idempotent."""
         if self._closed:
             return
         self._closed = True
         try:
             async with asyncio.timeout(self.settings.response_timeout_s):
-                async with self._session.delete(self.url) as response:
+                async with self._session.delete(self.url, allow_redirects=False) as response:
                     if response.status not in (200, 400, 404):
                         log.info("%s: DELETE answered %d", self.url, response.status)
         except _TRANSPORT_ERRORS as exc:
             log.info("%s: DELETE failed: %r", self.url, exc)
         finally:
             await self._drop_next()
+            requests = list(self._requests)
+            for task in requests:
+                task.cancel()
+            await asyncio.gather(*requests, return_exceptions=True)
 
     # --- internals ------------------------------------------------------------------------------
 
@@ -343,23 +369,27 @@ class TricklePublisher:
                 log.info("%s: seq %d was closed before it was written; skipping it", self.url, post.seq)
                 continue
             self._raise_terminal(outcome)
-            raise RetriesExhausted(f"seq {post.seq} could not be opened: {outcome}", url=self.url)
+            failure = _answer(post, outcome)
+            raise RetriesExhausted(f"seq {post.seq} could not be opened: {failure}", url=self.url)
         self._next = _PendingPost(self, self._seq, reset=False)
         return post
 
-    async def _settle(self, post: _PendingPost, outcome: PostOutcome) -> None:
-        """Account for a finished segment; raise if the channel is over."""
+    async def _settle(self, post: _PendingPost, outcome: PostOutcome) -> SegmentLoss | None:
+        """Account for a finished segment: None if it was stored, else how it was lost; raise if the
+        channel is over or nothing of the segment was sent."""
         if isinstance(outcome, Accepted):
             self._segments += 1
             self._bytes += post.feed.sent
-            return
+            return None
         self._raise_terminal(outcome)
         if isinstance(outcome, Retry) and post.feed.sent == 0:
             raise RetriesExhausted(f"seq {post.seq}: {outcome.reason}", url=self.url)
         self._broken += 1
-        log.warning("%s: seq %d broke after %d bytes (%s)", self.url, post.seq, post.feed.sent, outcome)
+        loss: SegmentLoss = "broken" if post.status is None else "refused"
+        log.warning("%s: seq %d is lost: %s", self.url, post.seq, _answer(post, outcome))
         if self._delete_broken:
             await self._delete_seq(post.seq)
+        return loss
 
     def _raise_terminal(self, outcome: PostOutcome) -> None:
         if isinstance(outcome, Gone):
@@ -379,15 +409,33 @@ class TricklePublisher:
             return
         self._broken += 1
         if self._delete_broken:
-            await self._delete_seq(post.seq)
+            # Not awaited: a writer that gives up (often because it is being cancelled) must not wait
+            # for a server that may never answer.
+            self._track(asyncio.create_task(self._delete_seq(post.seq), name=f"trickle-delete {self.url}"))
+
+    def _track(self, task: asyncio.Task[Any]) -> None:
+        self._requests.add(task)
+        task.add_done_callback(self._requests.discard)
 
     async def _delete_seq(self, seq: int) -> None:
         with contextlib.suppress(*_TRANSPORT_ERRORS):
             async with asyncio.timeout(self.settings.response_timeout_s):
-                async with self._session.delete(segment_url(self.url, seq)) as response:
+                url = segment_url(self.url, seq)
+                async with self._session.delete(url, allow_redirects=False) as response:
                     log.debug("%s: DELETE seq %d -> %d", self.url, seq, response.status)
 
     async def _drop_next(self) -> None:
         if self._next is not None:
             post, self._next = self._next, None
             await post.cancel()
+
+
+def _answer(post: _PendingPost, outcome: PostOutcome) -> str:
+    """What happened to a POST, truthfully: a refusal names its status and claims nothing about the
+    body (the server may answer before reading it); a broken upload says how much was written."""
+    if post.status is not None:
+        return f"refused with HTTP {post.status}"
+    reason = outcome.reason if isinstance(outcome, Retry) else str(outcome)
+    if post.feed.sent == 0:
+        return f"failed before a byte was written ({reason})"
+    return f"broke off after {post.feed.sent} bytes were written ({reason})"

@@ -243,7 +243,7 @@ class TrickleSubscriber:
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.preconnect_refresh_s) as timeout:
-                    return await self._session.get(url, timeout=self._timeout)
+                    return await self._session.get(url, timeout=self._timeout, allow_redirects=False)
             if not timeout.expired():
                 raise TimeoutError(f"connect timeout for {url}")
             self._refreshes += 1

@@ -5,6 +5,10 @@ What the container receives is what go-livepeer's orchestrator sends (docs/proto
 start body with ``gateway_request_id``, the channel URLs and ``params``, ``X-Stream-Id``, and
 ``Authorization: Bearer`` when the capability registered a token; the raw update body to
 ``/stream/params``; a plain-text body without Content-Type to ``/stream/stop``.
+
+A container that dies (killed, crashed) cannot end its streams itself: every stream probes its
+container's ``/health``, and when it does not answer ``CONTAINER_PROBE_FAILURES`` times in a row the
+stream ends as ``container gone``, freeing its capacity. Any answer, 503 included, means it is alive.
 """
 
 from __future__ import annotations
@@ -32,11 +36,20 @@ from byoc.trickle.layout import StreamChannels
 from byoc.trickle.publisher import TricklePublisher
 from byoc.trickle.subscriber import TrickleSubscriber
 
-__all__ = ["KEEPALIVE_INTERVAL_S", "LocalStream", "StreamRequest", "StreamState"]
+__all__ = [
+    "CONTAINER_PROBE_FAILURES",
+    "CONTAINER_PROBE_INTERVAL_S",
+    "KEEPALIVE_INTERVAL_S",
+    "LocalStream",
+    "StreamRequest",
+    "StreamState",
+]
 
 log = logging.getLogger(__name__)
 
 KEEPALIVE_INTERVAL_S = 10.0
+CONTAINER_PROBE_INTERVAL_S = 1.0
+CONTAINER_PROBE_FAILURES = 3
 _VIDEO_PID = 0x100
 _START_TIMEOUT_S = 30.0
 _STOP_TIMEOUT_S = 10.0
@@ -178,6 +191,7 @@ class LocalStream:
                 watchers = [
                     *readers,
                     tasks.create_task(self._keepalive(), name=f"{self.stream_id}:keepalive"),
+                    tasks.create_task(self._watch_container(), name=f"{self.stream_id}:container"),
                 ]
                 if self.channels.data:
                     watchers.append(tasks.create_task(self._read_data(), name=f"{self.stream_id}:data"))
@@ -203,6 +217,24 @@ class LocalStream:
             self.end_reason = self.end_reason or reason
             log.info("stream %s: ended by the container (%s)", self.stream_id, reason)
             self._stopping.set()
+
+    async def _watch_container(self) -> None:
+        """End the stream once its container stops answering: it is gone and will never end it."""
+        failures = 0
+        while failures < CONTAINER_PROBE_FAILURES:
+            await asyncio.sleep(CONTAINER_PROBE_INTERVAL_S)
+            failures = 0 if await self._container_answers() else failures + 1
+        log.warning("stream %s: container %s does not answer", self.stream_id, self.capability.url)
+        self._container_ended("container gone")
+
+    async def _container_answers(self) -> bool:
+        try:
+            async with asyncio.timeout(CONTAINER_PROBE_INTERVAL_S * 2):
+                async with self._http.get(f"{self.capability.url}/health") as response:
+                    await response.read()
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return False
+        return True
 
     async def _expire(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
