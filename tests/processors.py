@@ -25,6 +25,17 @@ class FailingSometimes(Processor):
         return frame
 
 
+class SendingBadEvents(Processor):
+    """Sends an event that is not JSON on every third frame (the frame fails), a good one otherwise."""
+
+    def process(self, frame: Frame, session: SessionContext) -> Frame:
+        if frame.index % 3 == 2:
+            session.send_event({"type": "custom", "at": object()})
+        else:
+            session.send_event({"type": "custom", "index": frame.index})
+        return frame
+
+
 class FailingStart(Processor):
     """Refuses to start a session."""
 

@@ -12,16 +12,19 @@ the runtime.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from typing import Any
 
 from byoc.errors import InvalidRequest
 
-__all__ = ["MAX_FPS_LIMIT", "check_update", "max_fps"]
+__all__ = ["MAX_FPS_LIMIT", "MAX_PARAMS_BYTES", "check_params_size", "check_update", "max_fps"]
 
 MAX_FPS_LIMIT = 120.0
 """The highest frame-rate cap a stream may ask for."""
+MAX_PARAMS_BYTES = 64 * 1024
+"""The default bound on a stream's parameters, as compact JSON (``--max-params-bytes``)."""
 
 
 def max_fps(value: Any) -> float | None:
@@ -54,3 +57,11 @@ def check_update(params: Mapping[str, Any]) -> dict[str, Any]:
     if "max_fps" in update:
         max_fps(update["max_fps"])
     return update
+
+
+def check_params_size(params: Mapping[str, Any], limit: int, name: str = "params") -> None:
+    """InvalidRequest when ``params`` take more than ``limit`` bytes as compact JSON: a stream's
+    parameters are kept and shown for its whole life, so what updates add up to is bounded too."""
+    size = len(json.dumps(params, separators=(",", ":")).encode())
+    if size > limit:
+        raise InvalidRequest(name, f"take {size} bytes as JSON; at most {limit} are accepted")

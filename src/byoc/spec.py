@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from byoc.media.encoder import EncoderSettings
+from byoc.params import MAX_PARAMS_BYTES
 from byoc.trickle.client import TrickleClientSettings
 
 __all__ = ["EndReason", "SessionSettings", "StreamSpec"]
@@ -72,6 +73,8 @@ class SessionSettings:
     output_failure_budget_s: float = 20.0
     """How long the output may lose every segment (counted) before the session ends with
     ``output_unreachable``."""
+    max_params_bytes: int = MAX_PARAMS_BYTES
+    """The most the stream's parameters may take as JSON after an update; a larger update is refused."""
     thread_nice: int = 0
     """Niceness added to the session's decoder, processing and encoder threads (Linux)."""
     trickle: TrickleClientSettings = field(default_factory=TrickleClientSettings)

@@ -21,7 +21,7 @@ from byoc.session import Session
 from byoc.spec import EndReason, SessionSettings
 from byoc.trickle import StreamChannels
 from tests.conftest import TEST_CLIENT_SETTINGS, assert_every_frame_accounted
-from tests.processors import Failing, FailingSometimes, Hanging, Recording
+from tests.processors import Failing, FailingSometimes, Hanging, Recording, SendingBadEvents
 from tests.support import (
     PSI_PIDS,
     StreamHarness,
@@ -169,6 +169,25 @@ async def test_frames_a_processor_fails_on_are_counted(
     statistics = h.events[-1]["event"]["statistics"]
     assert statistics["errors"]["process"] == 10  # frames 2, 5, ..., 29
     assert statistics["dropped"]["processor"] == 10
+    assert_every_frame_accounted(statistics, 30)
+
+
+async def test_an_event_that_is_not_json_fails_its_frame_not_the_session(
+    trickle: RunningTrickle, http: aiohttp.ClientSession
+) -> None:
+    async with StreamHarness(trickle, http) as h:
+        session = Session(h.spec(), SendingBadEvents(), http, SETTINGS)
+        run = await _run(session)
+        await h.publish(make_segments(2, frames=15))
+        await h.input.close()
+        assert await asyncio.wait_for(run, 10) == EndReason.INPUT_ENDED
+        published = [h.channels.name("events"), h.channels.name("output")]
+        assert [channel for channel in published if h.server.has_channel(channel)] == []
+        await h.readers_done()
+    custom = [e["event"]["index"] for e in h.events if e["event"].get("type") == "custom"]
+    assert custom == [i for i in range(30) if i % 3 != 2]
+    statistics = h.events[-1]["event"]["statistics"]
+    assert (statistics["errors"]["process"], statistics["dropped"]["processor"]) == (10, 10)
     assert_every_frame_accounted(statistics, 30)
 
 

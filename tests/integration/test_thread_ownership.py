@@ -25,13 +25,14 @@ from byoc.dev.trickle_server import RunningTrickle
 from byoc.serve.config import Settings
 from byoc.serve.runtime import Runtime
 from byoc.session import Session
+from byoc.session.events import params_digest
 from byoc.spec import StreamSpec
 from tests.support import StreamHarness, decode, make_segments
 
 
 @contextlib.asynccontextmanager
-async def running() -> AsyncIterator[tuple[Runtime, str]]:
-    runtime = Runtime(Settings(host="127.0.0.1", port=0), processor=PassthroughProcessor())
+async def running(**settings: Any) -> AsyncIterator[tuple[Runtime, str]]:
+    runtime = Runtime(Settings(host="127.0.0.1", port=0, **settings), processor=PassthroughProcessor())
     stop = asyncio.Event()
     task = asyncio.create_task(runtime.serve(shutdown=stop.wait()))
     await runtime.wait_listening()
@@ -104,6 +105,28 @@ async def test_a_bad_max_fps_is_refused_over_the_control_channel_as_over_http(
     assert (final["type"], final["statistics"]["dropped"]["rate_cap"]) == ("stream_stopped", 15)
 
 
+async def test_updates_over_the_control_channel_are_bounded_in_size_as_over_http(
+    trickle: RunningTrickle, http: aiohttp.ClientSession
+) -> None:
+    limit = 1024
+    async with StreamHarness(trickle, http) as h, running(max_params_bytes=limit) as (_, url):
+        status, _ = await call(http, "POST", f"{url}/stream/start", json=h.start_body({"prompt": "a"}))
+        assert status == 200
+        control = h.channels.name("control")
+        await h.server.wait_for_request(lambda r: r.method == "GET" and r.channel == control)
+        # each update alone fits; the second would take what the stream keeps past the limit
+        await h.control.write_segment(json.dumps({"a": "x" * 600}).encode())
+        applied = await first_event(h, lambda e: e.get("type") == "params_updated")
+        assert applied["params"]["bytes"] < limit
+        await h.control.write_segment(json.dumps({"b": "y" * 600}).encode())
+        event = await first_event(h, lambda e: e.get("type") == "params_rejected")
+        assert event["field"] == "params"
+        status, stats = await call(http, "GET", f"{url}/stream/status?stream_id={h.name}")
+        assert (stats["params"], stats["errors"]) == ({"prompt": "a", "a": "x" * 600}, {"params": 1})
+        await h.input.close()
+        await h.readers_done()
+
+
 async def test_errors_reported_from_four_threads_at_once_are_all_counted(
     trickle: RunningTrickle, http: aiohttp.ClientSession
 ) -> None:
@@ -152,7 +175,7 @@ async def test_params_updates_over_http_are_applied_on_the_main_loop(
         assert stats["errors"] == {}
         assert sum((await errors_total(http, url)).values()) == 0  # no 500 was counted as "http"
         event = await first_event(h, lambda e: e.get("type") == "params_updated")
-        assert event["params"] == {"max_fps": 10}
+        assert event["params"] == params_digest({"max_fps": 10})  # the update's digest, never the update
         assert runtime.sessions_active() == 1
 
 

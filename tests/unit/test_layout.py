@@ -54,6 +54,7 @@ def test_imports_point_the_right_way(package: str, forbidden: tuple[str, ...]) -
 def test_leaves_import_no_session_and_no_runtime(leaf: str) -> None:
     allowed = (
         "byoc.errors",
+        "byoc.params",
         "byoc.spec",
         "byoc.trickle.client",
         "byoc.trickle.protocol",

@@ -19,6 +19,7 @@ from typing import Any
 
 from byoc.errors import ConfigError
 from byoc.media.encoder import MAX_SEGMENT_S, EncoderSettings
+from byoc.params import MAX_PARAMS_BYTES
 from byoc.spec import SessionSettings
 from byoc.trickle.client import HostRule, TrickleClientSettings
 
@@ -95,7 +96,7 @@ class Settings:
     )
     max_body_bytes: int = _setting(1024 * 1024, "largest request body accepted (413 above)")
     max_params_bytes: int = _setting(
-        64 * 1024, "largest stream parameters, as JSON, a start or an update may carry (400 above)"
+        MAX_PARAMS_BYTES, "largest stream parameters, as JSON, a start or an update may carry (400 above)"
     )
     max_output_pixels: int = _setting(
         1920 * 1080, "largest output a stream may ask for, width x height (400 above)"
@@ -291,6 +292,7 @@ class Settings:
             thread_nice=self.thread_nice,
             trickle=self.trickle(),
             output_failure_budget_s=self.output_failure_budget_s,
+            max_params_bytes=self.max_params_bytes,
         )
 
 

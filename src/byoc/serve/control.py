@@ -14,12 +14,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from byoc.errors import AdmissionRefused, SessionNotFound
+from byoc.params import check_params_size
 from byoc.serve.api import ApiSettings
 from byoc.serve.config import Settings
 from byoc.serve.health import HealthView
 from byoc.serve.manager import SessionManager
 from byoc.serve.metrics import RuntimeMetrics
-from byoc.serve.validation import ChannelPolicy, RequestLimits, check_params_size
+from byoc.serve.validation import ChannelPolicy, RequestLimits
 from byoc.session.stats import SessionStatistics
 from byoc.spec import EndReason, StreamSpec
 from byoc.threads import run_on_loop

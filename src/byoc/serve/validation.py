@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from byoc.errors import ConfigError, InvalidRequest
-from byoc.params import check_update, max_fps
+from byoc.params import MAX_PARAMS_BYTES, check_params_size, check_update, max_fps
 from byoc.spec import StreamSpec
 from byoc.trickle.client import HostRule, host_key, url_address
 
@@ -31,7 +31,6 @@ __all__ = [
     "ChannelPolicy",
     "RequestLimits",
     "channel_policy",
-    "check_params_size",
     "checked_stream_id",
     "json_object",
     "params_update",
@@ -49,7 +48,7 @@ MAX_JSON_DEPTH = 32
 class RequestLimits:
     """How much a request may ask for (``--max-params-bytes``, ``--max-output-pixels``)."""
 
-    max_params_bytes: int = 64 * 1024
+    max_params_bytes: int = MAX_PARAMS_BYTES
     max_output_pixels: int = 1920 * 1080
 
 
@@ -123,13 +122,6 @@ def checked_stream_id(value: Any, name: str) -> str:
             name, f"must be 1 to {MAX_ID_LENGTH} printable ASCII characters without spaces (! to ~)"
         )
     return value
-
-
-def check_params_size(params: Mapping[str, Any], limit: int, name: str = "params") -> None:
-    """InvalidRequest when ``params`` take more than ``limit`` bytes as compact JSON."""
-    size = len(json.dumps(params, separators=(",", ":")).encode())
-    if size > limit:
-        raise InvalidRequest(name, f"take {size} bytes as JSON; at most {limit} are accepted")
 
 
 def _dimension(params: Mapping[str, Any], name: str) -> int:

@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import json
 import logging
 import threading
 import time
@@ -57,10 +58,10 @@ from byoc.media.encoder import Encoder
 from byoc.media.items import Item, ParamsItem, VideoItem, due_of
 from byoc.media.queues import DROP_REASONS, Closed, StageQueue
 from byoc.media.stage import Stage
-from byoc.params import check_update
+from byoc.params import check_params_size, check_update
 from byoc.params import max_fps as parse_max_fps
 from byoc.processor import Processor, SessionContext
-from byoc.session.events import final_event, status_event
+from byoc.session.events import final_event, params_digest, status_event
 from byoc.session.policy import FailureBudget, trickle_failure
 from byoc.session.sink import FINISHED, LoopSink, coalesce
 from byoc.session.stats import (
@@ -310,6 +311,7 @@ class Session:
         try:
             update = check_update(params)
             max_fps = parse_max_fps(update["max_fps"]) if "max_fps" in update else None
+            check_params_size({**self._params, **update}, self.settings.max_params_bytes)
         except InvalidRequest as exc:
             log.warning("stream %s: parameter update refused: %s", self.stream_id, exc)
             self._error("params", f"parameter update refused: {exc}")
@@ -320,7 +322,7 @@ class Session:
             self._decoder.max_fps = max_fps
         with contextlib.suppress(Closed):
             self._frames.put(ParamsItem(update), droppable=False)
-        self.send_event({"type": "params_updated", "params": update})
+        self.send_event({"type": "params_updated", "params": params_digest(update)})
         return True
 
     def stuck_stages(self) -> list[str]:
@@ -365,6 +367,13 @@ class Session:
         call_in_loop(self._loop, self._data.put_nowait, line)
 
     def send_event(self, event: Mapping[str, Any], queue_event_type: str | None = None) -> None:
+        """Queue an event for the events channel. An event that is not JSON raises TypeError here, in
+        the caller's thread (a processor's hook fails, as with ``send_data``), never later in the
+        session's own task."""
+        try:
+            json.dumps(event)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"an event must be a JSON object: {exc}") from None
         call_in_loop(self._loop, self._events.put_nowait, (dict(event), queue_event_type))
 
     # --- statistics -----------------------------------------------------------------------------
@@ -456,10 +465,10 @@ class Session:
         events = self._publisher(self.spec.events_url, "application/json")
         output = self._publisher(self.spec.publish_url, "video/mp2t")
         data = self._publisher(self.spec.data_url, "application/jsonl")
-        for stage in (self._worker, self._decoder, self._encoder):
-            if stage is not None:
-                stage.start()
         try:
+            for stage in (self._worker, self._decoder, self._encoder):
+                if stage is not None:
+                    stage.start()  # inside the try: a thread that cannot start still gets the cleanup
             async with asyncio.TaskGroup() as tasks:
                 name = self.stream_id
                 background = [
