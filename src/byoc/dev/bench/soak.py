@@ -2,7 +2,9 @@
 
 It starts ``byoc serve`` (default processor ``invert``) as a subprocess and a trickle server in this
 process, starts ``--sessions`` sessions (default 4) and feeds each the same real-time input as
-``byoc bench serve`` does (``--input``, ``--delivery``) for ``--minutes`` (default 10). Every
+``byoc bench serve`` does (``--input``, ``--delivery``) for ``--minutes`` (default 10), with a
+keep-alive on each control channel every 10 s as a gateway sends (a trickle server closes a channel
+nobody writes to for 5 minutes, and a session ends with its control channel). Every
 ``--interval`` seconds (default 5) it samples the container's resident memory, threads and open file
 descriptors (from /proc) and the ``/health`` p99 over the interval (polled at 20 Hz from a separate
 process, :mod:`byoc.dev.bench.probe`). At the end it fits a line through each figure's samples after the
@@ -30,10 +32,12 @@ from byoc.dev.bench.inputs import DEFAULT_DELIVERY, DEFAULT_INPUT, add_arguments
 from byoc.dev.check.analysis import fit_line
 from byoc.dev.children import ByocProcess
 from byoc.dev.corpus import FfmpegNotFound
+from byoc.dev.orchestrator.streams import KEEPALIVE_INTERVAL_S
 from byoc.dev.synthetic import publish_live
 from byoc.dev.trickle_server import serve_trickle
 from byoc.serve.system import resident_bytes
 from byoc.session.stats import percentile
+from byoc.trickle.channels import KEEPALIVE
 from byoc.trickle.client import TrickleClientSettings, create_client_session
 from byoc.trickle.layout import StreamChannels
 from byoc.trickle.publisher import TricklePublisher
@@ -97,6 +101,8 @@ class SoakReport:
     errors: dict[str, int] = field(default_factory=dict)
     sessions_running: int = 0
     health_failures: int = 0
+    endings: list[str] = field(default_factory=list)
+    """The container's log lines of sessions that ended while measured (with their reasons)."""
 
     @property
     def frames_in_flight(self) -> int:
@@ -132,6 +138,7 @@ class SoakReport:
             f"{self.frames_in_flight}; errors {self.errors or 'none'}; "
             f"/health failures {self.health_failures}"
         )
+        lines += [f"ended early: {line}" for line in self.endings]
         lines.append("soak: " + ("passed" if self.passed else "FAILED"))
         return lines
 
@@ -156,6 +163,13 @@ async def _health_p99(port: int, seconds: float) -> tuple[float, int]:
     polled = json.loads((await probe.communicate())[0])
     latencies = sorted(polled["latencies_ms"])
     return percentile(latencies, 0.99) or 0.0, sum(1 for status in polled["statuses"] if status != 200)
+
+
+async def _keep_alive(publisher: TricklePublisher) -> None:
+    message = json.dumps(dict(KEEPALIVE)).encode()
+    while True:
+        await publisher.write_segment(message)
+        await asyncio.sleep(KEEPALIVE_INTERVAL_S)
 
 
 def _figures(samples: list[Sample]) -> list[Figure]:
@@ -202,6 +216,12 @@ async def run_soak(
                             f"start {channels.stream}: {response.status} {await response.text()}"
                         )
             publishers = [TricklePublisher(c.url(trickle.base_url, "input"), session=http) for c in streams]
+            controls = [
+                TricklePublisher(
+                    c.url(trickle.base_url, "control"), session=http, mime_type=c.mime_type("control")
+                )
+                for c in streams
+            ]
             # every publisher gets the same segments: one stream made once, shared
             shared = list(source.stream(seconds))
             feeding = asyncio.gather(
@@ -214,7 +234,8 @@ async def run_soak(
                         segment_s=source.segment_s,
                     )
                     for p in publishers
-                )
+                ),
+                *(_keep_alive(control) for control in controls),
             )
             began = time.monotonic()
             while time.monotonic() - began < seconds - interval_s:
@@ -241,8 +262,9 @@ async def run_soak(
             feeding.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await feeding
-            for publisher in publishers:
+            for publisher in (*publishers, *controls):
                 await publisher.close()
+            report.endings = [line for line in container.lines if ": ended (" in line]
         finally:
             await container.kill()
     report.figures = _figures(report.samples)
