@@ -107,3 +107,17 @@ class NeverReady(Processor):
 
     def setup(self) -> None:
         threading.Event().wait()
+
+
+class SlowToStop(Processor):
+    """Takes ``stop_s`` seconds to end each session (a model flushing its state), so that a drain lasts
+    long enough to be watched from outside."""
+
+    def __init__(self, stop_s: str = "2") -> None:
+        self.stop_s = float(stop_s)
+
+    def process(self, frame: Frame, session: SessionContext) -> Frame:
+        return frame
+
+    def on_stop(self, session: SessionContext) -> None:
+        threading.Event().wait(self.stop_s)

@@ -19,6 +19,7 @@ class EndReason(enum.StrEnum):
     SHUTDOWN = "shutdown"
     INPUT_ENDED = "input_ended"
     INPUT_GONE = "input_gone"
+    INPUT_TIMEOUT = "input_timeout"
     CONTROL_ENDED = "control_ended"
     CONTROL_GONE = "control_gone"
     OUTPUT_GONE = "output_gone"

@@ -216,3 +216,100 @@ async def test_the_streams_of_a_killed_container_end_and_free_its_capacity(
     ended = {stream["stream_id"]: stream["end_reason"] for stream in state["ended"]}
     assert [ended.get(answer["stream_id"]) for _, answer in answers] == ["container gone"] * 2
     assert state["capabilities"] == [{"name": "my-model", "url": serve.url, "capacity": 2, "load": 0}]
+
+
+async def ended_streams(
+    http: aiohttp.ClientSession, orchestrator: ByocProcess, ids: list[str]
+) -> dict[str, Any]:
+    """The orchestrator's final statistics of ``ids``, once every one of them has ended."""
+    async with asyncio.timeout(30):
+        while True:  # another process: polled over HTTP
+            async with http.get(f"{orchestrator.url}/status") as response:
+                ended = {stream["stream_id"]: stream for stream in (await response.json())["ended"]}
+            if all(stream_id in ended for stream_id in ids):
+                return {stream_id: ended[stream_id] for stream_id in ids}
+            await asyncio.sleep(0.1)
+
+
+async def wait_output(
+    http: aiohttp.ClientSession, orchestrator: ByocProcess, ids: list[str], segments: int
+) -> None:
+    """Wait until the orchestrator's gateway readers got ``segments`` output segments of every stream."""
+    async with asyncio.timeout(60):
+        while True:  # another process: polled over HTTP
+            async with http.get(f"{orchestrator.url}/status") as response:
+                running = {stream["stream_id"]: stream for stream in (await response.json())["streams"]}
+            if all(running[stream_id]["output_segments"] >= segments for stream_id in ids):
+                return
+            await asyncio.sleep(0.1)
+
+
+async def test_every_stop_gets_the_final_event_and_last_segment_out_before_the_channels_close(
+    http: aiohttp.ClientSession, orchestrator: ByocProcess
+) -> None:
+    """The orchestrator closes a stream's channels as soon as the container answers its stop, as
+    go-livepeer does: 20 stops, four streams at a time, and the gateway's readers got every stream's
+    ``stream_stopped`` event and every output frame the container says it published."""
+    # generous bounds for a busy machine: the answer may wait 8 s (the orchestrator waits 10 s)
+    bounds = ("--drain-timeout-s", "12", "--stop-answer-timeout-s", "8")
+    async with container(orchestrator, "--max-sessions", "4", *bounds) as serve:
+        await serve.wait_for_log("registered")
+        url = f"{orchestrator.url}/live-video-to-video"
+        stopped: list[str] = []
+        for _ in range(5):
+            answers = await asyncio.gather(*(curl_d(http, url, b'{"model_id":"my-model"}') for _ in range(4)))
+            assert [status for status, _ in answers] == [200] * 4, answers
+            ids = [answer["stream_id"] for _, answer in answers]
+            await wait_output(http, orchestrator, ids, 2)
+            stops = await asyncio.gather(*(curl_d(http, f"{url}/{stream_id}/stop", b"") for stream_id in ids))
+            assert [status for status, _ in stops] == [200] * 4, stops
+            stopped += ids
+        ended = await ended_streams(http, orchestrator, stopped)
+        assert len(ended) == 20
+        for stream_id, stream in ended.items():
+            assert stream["end_reason"] == "stopped"
+            assert stream["final_event"], f"{stream_id}: no stream_stopped event read\n{serve.log[-3000:]}"
+            assert stream["last_segment_complete"], stream_id
+            # every frame the container published was read: the last segment too, and whole
+            assert stream["frames_out"] == stream["frames_published"], stream
+            assert stream["frames_out"] > 0
+
+
+async def test_a_container_with_a_token_through_the_orchestrator(
+    http: aiohttp.ClientSession, orchestrator: ByocProcess, tmp_path: Path
+) -> None:
+    """``byoc serve --token-file`` registers its token; the orchestrator sends it as a bearer token on
+    start, update and stop. A capability registered with the wrong token gets 401 from the container,
+    which the orchestrator answers with 500, removing that capability, as go-livepeer does."""
+    token = tmp_path / "token"
+    token.write_text("a-stream-token\n")
+    async with container(orchestrator, "--token-file", str(token)) as serve:
+        await serve.wait_for_log("registered")
+        async with http.post(f"{serve.url}/stream/stop", data=b"") as response:
+            assert response.status == 401  # the container does want the token
+        url = f"{orchestrator.url}/live-video-to-video"
+        async with http.post(url, data=b'{"model_id":"my-model"}') as response:
+            assert response.status == 200, await response.text()  # the token went with the start
+            answer = await response.json()
+        stream_id = answer["stream_id"]
+        frames, _ = check_processed(await first_segments(http, answer["subscribe_url"], 2))
+        assert frames >= 15
+        status, update = await curl_d(http, f"{url}/{stream_id}/update", b'{"prompt":"a dog"}')
+        assert (status, update["status"]) == (200, "updated")
+        status, stop = await curl_d(http, f"{url}/{stream_id}/stop", b"")
+        assert (status, stop["status"]) == (200, "stopped")
+        ended = (await ended_streams(http, orchestrator, [stream_id]))[stream_id]
+        assert (ended["end_reason"], ended["final_event"]) == ("stopped", True)
+        assert "a-stream-token" not in serve.log
+        # the same container, registered under another name with a wrong token
+        wrong = {"name": "impostor", "url": serve.url, "capacity": 1, "token": "not-the-token"}
+        async with http.post(
+            f"{orchestrator.url}/capability/register", json=wrong, headers={"Authorization": SECRET}
+        ) as response:
+            assert response.status == 200
+        async with http.post(url, data=b'{"model_id":"impostor"}') as response:
+            assert (response.status, await response.text()) == (500, "Orchestrator worker failure")
+        async with http.get(f"{orchestrator.url}/status") as response:
+            state = await response.json()
+        assert [c["name"] for c in state["capabilities"]] == ["my-model"]
+        assert state["streams"] == []

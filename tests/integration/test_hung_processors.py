@@ -100,3 +100,39 @@ async def test_a_hung_on_start_is_refused_and_leaves_nothing_behind(
                 assert status == 200, body
     finally:
         processor.release.set()
+
+
+async def test_a_stop_is_answered_within_its_bound_while_the_session_cannot_drain(
+    trickle: RunningTrickle, http: aiohttp.ClientSession
+) -> None:
+    """A stop waits for the session's final event only up to ``stop_answer_timeout_s``: a processor
+    stuck in process() holds the drain up, not the answer."""
+    processor = Hanging()
+    bound_s = 1.0
+    settings = {"process_timeout_s": 0, "drain_timeout_s": 30.0, "stop_answer_timeout_s": bound_s}
+    try:
+        async with running(processor, **settings) as (runtime, url):
+            await runtime.wait_ready()
+            async with StreamHarness(trickle, http, "s1") as h:
+                status, body, _ = await call(http, "POST", f"{url}/stream/start", json=body_for(h))
+                assert status == 200, body
+                await h.publish(make_segments(1, frames=10))
+                status_url = f"{url}/stream/status?stream_id=s1"
+                async with asyncio.timeout(10):  # a decoded frame is on its way into the hung hook
+                    while True:
+                        if (await call(http, "GET", status_url))[1]["input"]["frames"] >= 1:
+                            break
+                        await asyncio.sleep(0.05)
+                began = time.monotonic()
+                status, body, _ = await call(
+                    http, "POST", f"{url}/stream/stop", headers={"X-Stream-Id": "s1"}
+                )
+                took = time.monotonic() - began
+                assert (status, body["status"]) == (200, "stopping")
+                assert took < bound_s + SLACK_S
+                assert "stream_stopped" not in h.event_types()  # the hung hook still holds the drain
+                processor.release.set()
+                await h.readers_done(SLACK_S)
+            assert h.event_types()[-1] == "stream_stopped"
+    finally:
+        processor.release.set()

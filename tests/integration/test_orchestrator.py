@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 
 from byoc.dev.orchestrator import Capability, LocalOrchestrator, OrchestratorSettings
+from byoc.dev.trickle_server import RequestRecord
 from byoc.trickle import StreamChannels
 from tests.support import serve_app
 
@@ -178,3 +179,22 @@ async def test_bad_requests_and_unknown_models(http: aiohttp.ClientSession) -> N
         status, answer = await post(http, url, b'{"model_id": "nobody"}')
         assert (status, "no container is registered" in answer["error"]) == (503, True)
         assert (await post(http, f"{url}/nope/stop", b""))[0] == 404
+
+
+async def test_the_gateway_readers_start_at_the_next_segment(
+    http: aiohttp.ClientSession, container: FakeContainer
+) -> None:
+    """Like go-livepeer's gateway, the readers of output and events ask for seq -1 first: what the
+    container published before they subscribed is not read."""
+    async with orchestrator(Capability(name="m", url=container.url, capacity=1)) as orch:
+        body = b'{"model_id": "m", "stream_id": "s1", "source": "none"}'
+        assert (await post(http, f"{orch.base_url}/live-video-to-video", body))[0] == 200
+        channels = StreamChannels("s1")
+        for role in ("output", "events"):
+            name = channels.name(role)
+
+            def first_get(record: RequestRecord, name: str = name) -> bool:
+                return record.method == "GET" and record.channel == name
+
+            assert (await orch.trickle.wait_for_request(first_get)).seq == "-1", role
+        assert (await post(http, f"{orch.base_url}/live-video-to-video/s1/stop", b""))[0] == 200

@@ -15,13 +15,13 @@ import pytest
 from byoc.dev.children import free_port
 from byoc.errors import ByocError, ConfigError
 from byoc.serve.config import Settings
-from byoc.serve.registration import CapabilityInfo, Registrar
+from byoc.serve.protocols.byoc import CapabilityInfo, Registrar
 from tests.integration.test_api import running
 from tests.support import FakeOrchestrator, serve_app
 
 SECRET = "orch-S3cret/+= with space"
 NAME = "my-filter"
-LOGGER = "byoc.serve.registration"
+LOGGER = "byoc.serve.protocols.byoc"
 Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import os
 import threading
@@ -216,7 +217,9 @@ async def test_input_audio_becomes_opus(
 ) -> None:
     segments = make_segments(2, audio=audio)
     async with StreamHarness(trickle, http) as h:
-        run = await _run(Session(h.spec(), PassthroughProcessor(), http, SETTINGS))
+        # a latency budget no frame can exceed: every frame must come out however busy the machine
+        settings = dataclasses.replace(SETTINGS, latency_budget_s=60.0)
+        run = await _run(Session(h.spec(), PassthroughProcessor(), http, settings))
         await h.publish(segments)
         await h.input.close()
         await asyncio.wait_for(run, 10)

@@ -53,6 +53,7 @@ def test_flags_win_over_environment_over_defaults() -> None:
         (["--segment-s", "3"], {}, "segment_s"),
         (["--orchestrator-url", "https://o:8935"], {}, "orch_secret"),
         (["--processor-option", "novalue"], {}, "KEY=VALUE"),
+        (["--stop-answer-timeout-s", "-1"], {}, "stop_answer_timeout_s"),
         ([], {"BYOC_MAX_SESSIONS": "many"}, "BYOC_MAX_SESSIONS"),
     ],
 )
@@ -94,6 +95,12 @@ def test_one_drain_budget_splits_the_drain_timeout(total: float, unregister: flo
     # the runtime waits for the sessions, cancels, then tears down, each a little before the deadline
     assert budget.sessions_wait_s(3.0) < budget.cancel_wait_s(3.0) < budget.teardown_wait_s(3.0) < 3.0
     assert DrainBudget.from_total(total) == budget
+
+
+def test_a_stop_waits_for_the_final_event_at_most_as_long_as_the_session_may_take_to_end() -> None:
+    assert Settings().stop_answer_s() == 3.0
+    assert Settings(drain_timeout_s=4.0, stop_answer_timeout_s=5.0).stop_answer_s() == 2.0  # its share
+    assert Settings(stop_answer_timeout_s=0).stop_answer_s() == 0.0  # answered at once
 
 
 def test_secret_files_must_be_readable_and_not_empty_and_secrets_given_once(tmp_path: Path) -> None:

@@ -68,6 +68,16 @@ def test_the_api_does_not_import_the_runtime() -> None:
     assert "byoc.serve.runtime" not in _imports(SRC / "serve" / "api.py")
 
 
+CORE = ["runtime.py", "manager.py", "health.py", "control.py", "metrics.py", "api.py"]
+
+
+@pytest.mark.parametrize("core", CORE)
+def test_the_runtime_core_knows_no_protocol(core: str) -> None:
+    """The core chooses an adapter through byoc.serve.protocols and never imports one itself."""
+    imported = _imports(SRC / "serve" / core)
+    assert not [name for name in imported if name.startswith("byoc.serve.protocols.")], sorted(imported)
+
+
 def test_the_public_api_is_declared() -> None:
     assert sorted(byoc.__all__) == ["Frame", "Processor", "SessionContext", "__version__", "load_processor"]
     for name in byoc.__all__:

@@ -155,6 +155,19 @@ class TrickleServer:
         logger.info("trickle: deleted channel %s", name)
         return True
 
+    def write_segment(self, name: str, data: bytes) -> bool:
+        """Append one whole segment to channel ``name`` from inside the server, as go-livepeer's local
+        publisher does for the channels the orchestrator writes itself; False if there is no such channel.
+        """
+        channel = self._channels.get(name)
+        if channel is None:
+            return False
+        segment = channel.get_for_write(channel.next_write)
+        channel.next_write, channel.write_time = segment.idx + 1, self._clock()
+        segment.write(data)
+        segment.close()
+        return True
+
     def has_channel(self, name: str) -> bool:
         """Whether channel ``name`` exists (created and not yet closed)."""
         return name in self._channels

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -51,7 +51,16 @@ from byoc.serve.validation import (
 from byoc.session.stats import SessionStatistics
 from byoc.spec import StreamSpec
 
-__all__ = ["ROUTES", "ApiSettings", "Control", "build_app"]
+__all__ = [
+    "ROUTES",
+    "RUNTIME_ROUTES",
+    "STREAM_ROUTES",
+    "ApiSettings",
+    "Control",
+    "Route",
+    "build_app",
+    "read_body",
+]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +84,9 @@ class ApiSettings:
     capability: str = ""
     """The model id ``/version`` reports."""
     processor: str = ""
+    stop_answer_s: float = 0.0
+    """How long ``/stream/stop`` waits for the session's last output segment and final event before
+    it answers (docs/protocol.md §2.5); 0: at once."""
 
 
 class Control(Protocol):
@@ -98,7 +110,8 @@ class Control(Protocol):
         ...
 
     async def stop(self, stream_id: str | None) -> str | None:
-        """Ask the session ``stream_id`` means to end; its stream id, or None when there is none."""
+        """Ask the session ``stream_id`` means to end and wait (up to ``settings.stop_answer_s``) until
+        its last output segment and final event are out; its stream id, or None when there is none."""
         ...
 
     def status(self, stream_id: str) -> SessionStatistics:
@@ -190,6 +203,10 @@ async def _body(request: web.Request) -> bytes:
         raise _ClientGone from None
 
 
+read_body = _body
+"""The body of a request to a protocol's own route, within the same limits as every other route."""
+
+
 def _stream_id(request: web.Request, raw: bytes = b"") -> str | None:
     """The stream a request names: ``X-Stream-Id``, else an id in its JSON body; None if neither (an
     empty header counts as none)."""
@@ -270,17 +287,24 @@ async def version(request: web.Request) -> web.StreamResponse:
     )
 
 
-ROUTES: list[tuple[str, str, Handler, bool]] = [
-    # method, path, handler, requires the bearer token (when one is configured)
+Route = tuple[str, str, Handler, bool]
+"""method, path, handler, requires the bearer token (when one is configured)"""
+
+STREAM_ROUTES: list[Route] = [
+    # the BYOC protocol's routes (byoc.serve.protocols.byoc serves them)
     ("POST", "/stream/start", stream_start, True),
     ("POST", "/stream/params", stream_params, True),
     ("POST", "/stream/stop", stream_stop, True),
     ("POST", "/live-video-to-video", live_video_to_video, True),
     ("GET", "/stream/status", stream_status, True),
+]
+RUNTIME_ROUTES: list[Route] = [
+    # served whatever the protocol
     ("GET", "/health", health, False),
     ("GET", "/metrics", metrics, False),
     ("GET", "/version", version, False),
 ]
+ROUTES: list[Route] = STREAM_ROUTES + RUNTIME_ROUTES
 
 
 # --- middleware ---------------------------------------------------------------------------------
@@ -352,16 +376,18 @@ async def _budget(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
 
 
-def build_app(control: Control) -> web.Application:
-    """The API application, serving ``control`` (see :class:`Control`)."""
+def build_app(control: Control, routes: Sequence[Route] = STREAM_ROUTES) -> web.Application:
+    """The API application, serving ``control`` (see :class:`Control`): the runtime's own routes and
+    ``routes``, those of the protocol the container speaks."""
     settings = control.settings
+    served = [*routes, *RUNTIME_ROUTES]
     middlewares = [_errors, _budget]
     if settings.token:
-        protected = {handler for _, _, handler, needs_token in ROUTES if needs_token}
+        protected = {handler for _, _, handler, needs_token in served if needs_token}
         middlewares.append(_auth_middleware(settings.token, protected))
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[_CONTROL] = control
     app[_BUDGET] = BodyBudget(settings.body_memory_bytes)
-    for method, path, handler, _ in ROUTES:
+    for method, path, handler, _ in served:
         app.router.add_route(method, path, handler)
     return app

@@ -39,6 +39,14 @@ class ApiServer:
         self._started: concurrent.futures.Future[int] = concurrent.futures.Future()
         self._stop: asyncio.Event | None = None
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The API thread's event loop (once :meth:`start` returned): work that must go on while the
+        main loop is busy, such as a live runner's heartbeat, runs here."""
+        if self._loop is None:
+            raise RuntimeError("the API server is not running")
+        return self._loop
+
     async def start(self) -> int:
         """Start listening; returns the bound port."""
         self._thread.start()

@@ -139,6 +139,12 @@ class Settings:
     start_timeout_s: float = _setting(
         10.0, "a start whose on_start runs longer is refused (503) and leaves nothing but the thread"
     )
+    stop_answer_timeout_s: float = _setting(
+        3.0,
+        "a /stream/stop is answered once the session's last output segment and final event are out, "
+        "or after this many seconds (at most the session's share of --drain-timeout-s; 0: at once): "
+        "go-livepeer closes the stream's channels as soon as it has the answer",
+    )
     max_abandoned_threads: int = _setting(
         2, "threads stuck in the processor beyond this make /health unready and starts 503"
     )
@@ -168,7 +174,14 @@ class Settings:
         None, "GPU memory one session needs; default: measured while sessions run"
     )
     gpu_headroom_mb: float = _setting(512.0, "GPU memory always left free when admitting a session")
-    # --- capability registration ---
+    # --- registration with an orchestrator ---
+    protocol: str = _setting(
+        "byoc",
+        "how the container offers itself to the orchestrator: byoc (capability registration and "
+        "/stream/* routes) or live-runner (heartbeat registration, sessions through the orchestrator's "
+        "proxy)",
+        choices=("byoc", "live-runner"),
+    )
     orchestrator_url: str | None = _setting(None, "orchestrator to register with, e.g. https://orch:8935")
     orch_secret: str | None = _setting(None, "the orchestrator's -orchSecret", secret=True)
     orch_secret_file: Path | None = _setting(None, "file holding the orchestrator secret")
@@ -184,6 +197,14 @@ class Settings:
         "check that the orchestrator answers this often (0: never); after a failure, register again "
         "as soon as it answers and no session runs",
     )
+    input_timeout_s: float = _setting(
+        30.0,
+        "live runner: a session that receives no input segment for this many seconds ends, so a client "
+        "that vanished frees its slot (0: never)",
+    )
+    runner_price_usd_per_hour: float = _setting(
+        0.0, "live runner: the price a session costs per hour, in USD (0: none sent; on-chain needs one)"
+    )
     log_level: str = _setting("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     def __post_init__(self) -> None:
@@ -198,6 +219,8 @@ class Settings:
             problems.append(f"process_timeout_s must be >= 0, got {self.process_timeout_s}")
         if self.start_timeout_s <= 0:
             problems.append(f"start_timeout_s must be > 0, got {self.start_timeout_s}")
+        if self.stop_answer_timeout_s < 0:
+            problems.append(f"stop_answer_timeout_s must be >= 0, got {self.stop_answer_timeout_s}")
         if self.max_abandoned_threads < 0:
             problems.append(f"max_abandoned_threads must be >= 0, got {self.max_abandoned_threads}")
         for name in ("max_body_bytes", "max_params_bytes", "max_output_pixels", "api_body_memory_bytes"):
@@ -223,6 +246,10 @@ class Settings:
             self.channel_host_rules()
         except ValueError as exc:
             problems.append(f"allowed_channel_hosts: {exc}")
+        if self.input_timeout_s < 0 or self.runner_price_usd_per_hour < 0:
+            problems.append("input_timeout_s and runner_price_usd_per_hour must be >= 0")
+        if self.protocol == "live-runner" and not self.orchestrator_url:
+            problems.append("protocol live-runner needs orchestrator_url")
         if self.heartbeat_interval_s < 0:
             problems.append(f"heartbeat_interval_s must be >= 0, got {self.heartbeat_interval_s}")
         for option in self.processor_option:
@@ -263,12 +290,13 @@ class Settings:
         entries = (part for option in self.allowed_channel_hosts for part in option.split(","))
         return tuple(HostRule.parse(entry) for entry in entries if entry.strip())
 
-    def advertised_url(self) -> str:
-        """Where the orchestrator reaches this container (no trailing slash: O appends paths)."""
+    def advertised_url(self, bound_port: int | None = None) -> str:
+        """Where the orchestrator reaches this container (no trailing slash: O appends paths); without
+        ``capability_url``, on ``bound_port`` when given (the port actually bound, for ``port`` 0)."""
         if self.capability_url:
             return self.capability_url.rstrip("/")
         host = "localhost" if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://{host}:{self.port if bound_port is None else bound_port}"
 
     def trickle(self) -> TrickleClientSettings:
         return TrickleClientSettings(verify_tls=not self.insecure_tls)
@@ -279,6 +307,11 @@ class Settings:
 
     def drain_budget(self) -> DrainBudget:
         return DrainBudget.from_total(self.drain_timeout_s)
+
+    def stop_answer_s(self) -> float:
+        """How long a ``/stream/stop`` waits for the session's final event: never longer than the
+        session itself may take to end."""
+        return min(self.stop_answer_timeout_s, self.drain_budget().session_s)
 
     def session(self) -> SessionSettings:
         return SessionSettings(

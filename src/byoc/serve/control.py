@@ -39,6 +39,7 @@ def api_settings(settings: Settings) -> ApiSettings:
         health_style=settings.health_style,
         capability=settings.capability_name,
         processor=settings.processor,
+        stop_answer_s=settings.stop_answer_s(),
     )
 
 
@@ -84,8 +85,16 @@ class RuntimeControl:
     async def stop(self, stream_id: str | None) -> str | None:
         return await run_on_loop(self._main, self._stop(stream_id))
 
+    async def end(self, stream_id: str, reason: EndReason) -> bool:
+        """Ask the session ``stream_id`` to end for ``reason`` (a protocol ending it: the orchestrator
+        released it, or its input stopped); False when there is no such session."""
+        return await run_on_loop(self._main, self._end(stream_id, reason))
+
     async def _start(self, spec: StreamSpec) -> str:
         return (await self._manager.start(spec)).stream_id
+
+    async def _end(self, stream_id: str, reason: EndReason) -> bool:
+        return self._manager.stop(stream_id, reason)
 
     async def _update_params(self, stream_id: str | None, params: dict[str, Any]) -> str:
         session = self._manager.resolve(stream_id)
@@ -103,6 +112,8 @@ class RuntimeControl:
         if session is None:
             return None
         self._manager.stop(session.stream_id, EndReason.STOPPED)
+        # go-livepeer closes the channels once it has the answer: the session's last words go first
+        await self._manager.wait_final_event(session.stream_id, self._settings.stop_answer_s)
         return session.stream_id
 
     # --- reads: snapshots, taken on the calling thread ------------------------------------------

@@ -184,6 +184,22 @@ class SessionManager:
         session.stop(reason)
         return True
 
+    async def wait_final_event(self, stream_id: str, timeout: float) -> None:  # noqa: ASYNC109
+        """Wait up to ``timeout`` until the session's last output segment and final event are out (or
+        it has ended); at once when there is no such session.
+
+        go-livepeer closes a stream's channels as soon as ``/stream/stop`` is answered
+        (docs/protocol.md §2.5): answered before this, the gateway would miss the end of the stream.
+        """
+        session, task = self._sessions.get(stream_id), self._tasks.get(stream_id)
+        if session is None or task is None or timeout <= 0:
+            return
+        done, _ = await asyncio.wait(
+            (session.final_event_out(), task), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if not done:
+            log.warning("stream %s: no final event within %.1fs; answering all the same", stream_id, timeout)
+
     async def drain(self, timeout: float) -> list[str]:  # noqa: ASYNC109
         """End every session (the encoders flush, final events go out); ids still running at the deadline."""
         for session in list(self._sessions.values()):

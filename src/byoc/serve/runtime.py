@@ -1,14 +1,16 @@
 """The container runtime: start-up, serving, and an ordered drain on SIGTERM.
 
 ``Runtime(settings).serve()`` listens at once (``/health`` says LOADING), loads the processor on a
-thread of its own, registers the capability, and serves until SIGTERM/SIGINT or :meth:`request_drain`
-(or the ``shutdown`` awaitable, for tests and tools). The drain, all within ``drain_timeout_s``:
+thread of its own, offers itself to the orchestrator through the protocol adapter ``--protocol`` names
+(byoc.serve.protocols), and serves until SIGTERM/SIGINT or :meth:`request_drain` (or the ``shutdown``
+awaitable, for tests and tools). The drain, all within ``drain_timeout_s``:
 
 1. mark DRAINING — ``/health`` answers 503 and new starts get 503;
-2. unregister the capability;
+2. withdraw from the orchestrator (the adapter: unregister, or announce a status that is not ready);
 3. stop every session: encoders flush, the last segments and a final event go out, publish channels
    are DELETEd;
-4. tear the processor down and stop listening; exit 0.
+4. the adapter's last word (the live runner unregisters); tear the processor down and stop listening;
+   exit 0.
 
 Past the deadline whatever is left is cancelled and the exit code is 1, with a log line naming what
 hung. A second signal exits at once. A stop while the processor is still loading (its import or
@@ -41,7 +43,7 @@ from byoc.serve.gpu import DeviceMemory, GpuMonitor, MemoryBudget, TorchMemory, 
 from byoc.serve.health import HealthView, RuntimeState
 from byoc.serve.manager import SessionManager
 from byoc.serve.metrics import FrameTotals, RuntimeMetrics
-from byoc.serve.registration import Registrar
+from byoc.serve.protocols import Offer, ProtocolAdapter, create_adapter
 from byoc.serve.system import memory_limit
 from byoc.serve.validation import ChannelPolicy, channel_policy
 from byoc.threads import run_in_thread
@@ -81,8 +83,7 @@ class Runtime:
         self._started = time.monotonic()
         self._loading_step = "import"
         self._manager: SessionManager | None = None
-        self._registrar: Registrar | None = None
-        self._registration: asyncio.Task[None] | None = None
+        self._adapter: ProtocolAdapter | None = None
         self._drain_requested = asyncio.Event()
         self.port: int | None = None
         """The port actually bound (useful with port 0)."""
@@ -121,7 +122,7 @@ class Runtime:
         return RuntimeState.OK if self.sessions_active() else RuntimeState.IDLE
 
     def health_view(self) -> HealthView:
-        registration = self._registrar.state if self._registrar is not None else None
+        registration = self._adapter.state if self._adapter is not None else None
         return HealthView(
             self.runtime_state(),
             self.sessions_active(),
@@ -140,6 +141,15 @@ class Runtime:
 
     def state(self) -> str:
         return str(self.runtime_state())
+
+    def offer(self) -> Offer:
+        running = self.sessions_active()
+        refusal = self._problem() or self._admission_gate()
+        capacity = self.settings.max_sessions if refusal is None else running
+        return Offer(self.runtime_state(), running, capacity, refusal)
+
+    def advertised_url(self) -> str:
+        return self.settings.advertised_url(self.port)
 
     def gpu_devices(self) -> Sequence[DeviceMemory]:
         return self.gpu.devices()
@@ -204,7 +214,11 @@ class Runtime:
                 max_sessions=self.settings.max_sessions,
                 header_timeout_s=self.settings.api_header_timeout_s,
             )
-            self._api = ApiServer(build_app(control), self.settings.host, self.settings.port, limits)
+            self._adapter = create_adapter(
+                self.settings, http=http, control=control, view=self, api_loop=lambda: self._api_loop()
+            )
+            app = build_app(control, self._adapter.routes())
+            self._api = ApiServer(app, self.settings.host, self.settings.port, limits)
             self.port = await self._api.start()
             await self._guard_channels(control, self.port)
             log.info(
@@ -215,6 +229,11 @@ class Runtime:
                 return await self._serve(http, shutdown)
             finally:
                 await self._api.stop()
+
+    def _api_loop(self) -> asyncio.AbstractEventLoop:
+        if self._api is None:
+            raise RuntimeError("the runtime is not serving")
+        return self._api.loop
 
     async def _guard_channels(self, control: RuntimeControl, port: int) -> None:
         """Tell the API which hosts a start's channel URLs may name, now that its port is known
@@ -266,11 +285,8 @@ class Runtime:
                 tasks.create_task(self._sample_gpu_budget(), name="gpu-budget"),
                 tasks.create_task(self._beat(), name="heartbeat"),
             ]
-            if self.settings.orchestrator_url:
-                self._registrar = Registrar.from_settings(http, self.settings)
-                registrar = self._registrar.run(is_idle=lambda: self.sessions_active() == 0)
-                self._registration = tasks.create_task(registrar, name="registration")
-                background.append(self._registration)
+            if self._adapter is not None:
+                background.append(tasks.create_task(self._adapter.run(), name="protocol"))
             try:
                 await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
                 return await self._drain()
@@ -335,12 +351,10 @@ class Runtime:
         deadline = time.monotonic() + budget.total_s
         self._draining = True
         log.info("draining: %d sessions, %.1fs to go", self.sessions_active(), budget.total_s)
-        if self._registration is not None:
-            self._registration.cancel()  # no idle re-registration may follow the unregister
-        if self._registrar is not None:
+        if self._adapter is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(budget.unregister_s):
-                    await self._registrar.unregister()
+                    await self._adapter.withdraw()
         code = 0
         hung = await self.manager.drain(timeout=budget.sessions_wait_s(deadline - time.monotonic()))
         for stream_id, stages in self.manager.stuck_stages().items():
@@ -356,6 +370,11 @@ class Runtime:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(budget.cancel_wait_s(deadline - time.monotonic())):
                     await self.manager.cancel_all()
+        if self._adapter is not None:
+            remaining = budget.teardown_wait_s(deadline - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(budget.unregister_s, remaining)):
+                    await self._adapter.close()
         if self._processor is not None:
             try:
                 async with asyncio.timeout(budget.teardown_wait_s(deadline - time.monotonic())):

@@ -89,12 +89,11 @@ and the session go on (the errors counts say how often)."""
 log = logging.getLogger(__name__)
 
 _CLOSE_GRACE_S = 0.2
-_T = TypeVar("_T")
-
+"""Between a session's last write and the DELETE of its channels: time for readers to fetch it."""
 _CLEANUP_S = 1.0
 """Of the drain timeout, what the end keeps for the final event and the DELETEs (a quarter of it when
 that is less); they get at least this long even when the drain used up its time."""
-"""Between a session's last write and the DELETE of its channels: time for readers to fetch it."""
+_T = TypeVar("_T")
 
 
 class SessionState(enum.StrEnum):
@@ -190,6 +189,7 @@ class Session:
         self._started = asyncio.Event()
         self._worker_done = asyncio.Event()
         self._worker_abandoned = False
+        self._said_last: asyncio.Future[None] = self._loop.create_future()  # see final_event_out()
         self._events: asyncio.Queue[tuple[dict[str, Any], str | None]] = asyncio.Queue()
         self._data: asyncio.Queue[bytes] = asyncio.Queue()
         self._state = SessionState.STARTING
@@ -346,6 +346,16 @@ class Session:
         self.stop(reason)
         self._close_queues()
         self._worker_done.set()
+
+    def final_event_out(self) -> asyncio.Future[None]:
+        """Done once the session's last output segment and its final event are out (published, lost,
+        or given up on at the drain deadline; without an events channel: once the output is over).
+        Wait on it, never resolve it; a session cancelled before its end never resolves it.
+
+        go-livepeer closes a stream's channels as soon as the container answers its ``/stream/stop``,
+        so that answer waits for this (docs/protocol.md §2.5); the DELETEs follow later.
+        """
+        return self._said_last
 
     async def wait_started(self) -> None:
         """Return once the processor's ``on_start`` ran; raise ProcessorError if it failed."""
@@ -805,6 +815,8 @@ class Session:
         try:
             if events is not None:
                 await self._send_final_event(events, (end_by - time.monotonic()) / 2)
+            if not self._said_last.done():
+                self._said_last.set_result(None)  # the answer to a stop may go now
             if open_channels:
                 # A DELETE makes the trickle server forget the channel's segments at once: a reader that
                 # has not yet asked for the last one (the final event, the last output segment) would

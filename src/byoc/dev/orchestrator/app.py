@@ -6,9 +6,16 @@ POST  /live-video-to-video                 start a stream: ``{"model_id", "param
                                            "source": "synthetic"|"none", "duration_s"?, "data"?}``
 POST  /live-video-to-video/{id}/update     parameters, forwarded to the container's /stream/params
 POST  /live-video-to-video/{id}/stop       stop: the container's /stream/stop, then the channels close
-GET   /status                              every stream with its statistics, and the capabilities
+GET   /status                              every stream with its statistics, the capabilities, the
+                                           live runners
 *     /ai/trickle/...                      the trickle channels (auto-create off)
+*     /runners/..., /runner/..., /apps/...  go-livepeer's live-runner side (``live_runner.py``)
+GET   /discovery                           the ready live runners
 ===== ==================================== =========================================================
+
+``/live-video-to-video`` starts on a BYOC container registered for the model; when none is, on a live
+runner serving ``live-video-to-video/MODEL`` (``runner_streams.py``), where update and stop go through
+the session instead (the control channel, the session's release).
 
 A JSON body without a Content-Type (``curl -d``) works everywhere.
 """
@@ -30,7 +37,18 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from byoc.dev.orchestrator.live_runner import LiveRunnerRoutes
 from byoc.dev.orchestrator.registry import Capability, CapabilityRegistry
+from byoc.dev.orchestrator.runner_streams import DEFAULT_START_PATH, RunnerStream, pick_runner
+from byoc.dev.orchestrator.runners import (
+    DEFAULT_HEARTBEAT_INTERVAL_S,
+    DEFAULT_HEARTBEAT_TTL_S,
+    O2R_INTERVAL_S,
+    LiveRunner,
+    RunnerError,
+    RunnerRegistry,
+    parse_duration,
+)
 from byoc.dev.orchestrator.streams import LocalStream, StreamRequest
 from byoc.dev.synthetic import LoopingSource
 from byoc.dev.trickle_server import TrickleServer
@@ -41,6 +59,8 @@ __all__ = ["DEFAULT_SECRET", "LocalOrchestrator", "OrchestratorSettings"]
 log = logging.getLogger(__name__)
 
 DEFAULT_SECRET = "byoc-local-secret"
+_WORKER_FAILURE = b"Orchestrator worker failure"
+"""go-livepeer's answer (500) when a container answers 401: it deletes the capability too."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +72,14 @@ class OrchestratorSettings:
     """The base URL containers reach this orchestrator at (default http://HOST:PORT)."""
     containers: tuple[Capability, ...] = field(default_factory=tuple)
     """Containers known up front, without registration."""
+    heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
+    """How often live runners are told to heartbeat (go-livepeer: 5 s); expired runners are swept as often."""
+    heartbeat_ttl_s: float = DEFAULT_HEARTBEAT_TTL_S
+    """A live runner without a heartbeat for this long is dropped with its sessions (go-livepeer: 20 s)."""
+    o2r_interval_s: float = O2R_INTERVAL_S
+    """How often a live runner's O2R channel gets a keep-alive (go-livepeer: 10 s)."""
+    runner_start_path: str = DEFAULT_START_PATH
+    """The app path the curl loop starts a stream at on a live runner's session."""
 
     def url(self, port: int) -> str:
         if self.service_url:
@@ -111,6 +139,14 @@ class LocalOrchestrator:
         self.registry = CapabilityRegistry(self.settings.secret)
         for capability in self.settings.containers:
             self.registry.add(capability)
+        self.runners = RunnerRegistry(
+            self.settings.secret,
+            self.trickle,
+            lambda: self.base_url,
+            heartbeat_interval_s=self.settings.heartbeat_interval_s,
+            heartbeat_ttl_s=self.settings.heartbeat_ttl_s,
+            o2r_interval_s=self.settings.o2r_interval_s,
+        )
         self.streams: dict[str, LocalStream] = {}
         self.ended: deque[dict[str, Any]] = deque(maxlen=200)
         """The final statistics of streams that ended, newest last."""
@@ -126,6 +162,7 @@ class LocalOrchestrator:
         app = web.Application(client_max_size=10 * 1024 * 1024)
         self.trickle.add_routes(app)
         self.registry.add_routes(app)
+        LiveRunnerRoutes(self.runners).add_routes(app)
         app.router.add_post("/live-video-to-video", self._start)
         app.router.add_post("/live-video-to-video/{id}/update", self._update)
         app.router.add_post("/live-video-to-video/{id}/stop", self._stop)
@@ -199,6 +236,13 @@ class LocalOrchestrator:
         if wanted.stream_id in self.streams:
             return web.json_response({"error": f"stream {wanted.stream_id!r} exists"}, status=409)
         capability = self.registry.pick(wanted.model_id)
+        if capability is None and wanted.model_id not in self.registry.capabilities:
+            try:
+                runner = pick_runner(self.runners, wanted.model_id)
+            except RunnerError as exc:
+                return web.json_response({"error": str(exc), "model_id": wanted.model_id}, status=exc.status)
+            if runner is not None:
+                return await self._start_on_runner(wanted, runner)
         if capability is None:
             known = wanted.model_id in self.registry.capabilities
             reason = (
@@ -211,14 +255,32 @@ class LocalOrchestrator:
         stream = LocalStream(wanted, capability, self.trickle, self.base_url + "/ai/trickle/", self._http)
         self.streams[stream.stream_id] = stream
         status, body = await stream.start()
-        if status == 401:
-            log.warning("container %s answered 401: capability %s removed", capability.url, capability.name)
-            self.registry.capabilities.pop(capability.name, None)
         if status >= 400:
             capability.load -= 1
             del self.streams[stream.stream_id]
+            return self._container_answer(capability, status, body)
+        return self._launch(stream)
+
+    async def _start_on_runner(self, wanted: StreamRequest, runner: LiveRunner) -> web.Response:
+        """The curl loop on a live runner: reserve a session (the stream id is its id), start there."""
+        assert self._http is not None
+        try:
+            session = self.runners.reserve(runner, wanted.stream_id)
+        except RunnerError as exc:
+            return web.json_response({"error": str(exc), "model_id": wanted.model_id}, status=exc.status)
+        stream = RunnerStream(
+            wanted, self.runners, runner, session, self.trickle, self._http, self.settings.runner_start_path
+        )
+        self.streams[stream.stream_id] = stream
+        status, body = await stream.start()
+        if status >= 400:
+            del self.streams[stream.stream_id]
             content_type = "application/json" if body.lstrip().startswith((b"{", b"[")) else "text/plain"
             return web.Response(status=status, body=body, content_type=content_type)
+        return self._launch(stream)
+
+    def _launch(self, stream: LocalStream) -> web.Response:
+        """Run a started stream and answer with its URLs from the gateway's side."""
         task = asyncio.create_task(self._run(stream), name=f"stream {stream.stream_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -244,15 +306,27 @@ class LocalOrchestrator:
         if stream is None:
             return web.json_response({"error": "no such stream"}, status=404)
         status, body = await stream.update(await request.read())
-        return web.Response(status=status, body=body, content_type="application/json")
+        return self._container_answer(stream.capability, status, body)
 
     async def _stop(self, request: web.Request) -> web.Response:
         stream = self.streams.get(request.match_info["id"])
         if stream is None:
             return web.json_response({"error": "no such stream"}, status=404)
-        await stream.stop(await request.read() or b"stream ended")
+        status, body = await stream.stop(await request.read() or b"stream ended")
         await stream.wait_ended()
+        if status == 401:
+            return self._container_answer(stream.capability, status, body)
         return web.json_response({"stream_id": stream.stream_id, "status": "stopped"})
+
+    def _container_answer(self, capability: Capability, status: int, body: bytes) -> web.Response:
+        """A container's answer as go-livepeer passes it on: as is, but a 401 deletes the capability
+        and becomes 500 (docs/protocol.md §2.3)."""
+        if status == 401:
+            log.warning("container %s answered 401: capability %s removed", capability.url, capability.name)
+            self.registry.capabilities.pop(capability.name, None)
+            status, body = 500, _WORKER_FAILURE
+        content_type = "application/json" if body.lstrip().startswith((b"{", b"[")) else "text/plain"
+        return web.Response(status=status, body=body, content_type=content_type)
 
     async def _status(self, request: web.Request) -> web.Response:
         return web.json_response(
@@ -260,6 +334,16 @@ class LocalOrchestrator:
                 "streams": [stream.statistics() for stream in self.streams.values()],
                 "ended": list(self.ended),
                 "capabilities": [c.public() for c in self.registry.capabilities.values()],
+                "live_runners": [
+                    {
+                        "runner_id": runner.runner_id,
+                        "app": runner.info.app,
+                        "status": runner.info.status,
+                        "capacity": runner.info.capacity,
+                        "sessions": list(runner.sessions),
+                    }
+                    for runner in self.runners.runners.values()
+                ],
             }
         )
 
@@ -275,17 +359,49 @@ def main(argv: list[str] | None = None) -> int:
         description="A local DEVELOPMENT orchestrator for BYOC containers. It sends containers what "
         "go-livepeer's orchestrator sends (registration, /stream/start|params|stop, trickle channels) and "
         "plays the gateway with a synthetic input, so the production checklist's curl loop works on a "
-        "laptop. It is not a replacement for go-livepeer: no payments, no gateways, no network.",
+        "laptop. It speaks go-livepeer's live-runner protocol too: runners register with "
+        "POST /runners/heartbeat (the --orch-secret, then their heartbeat secret), clients reserve "
+        "sessions at /apps/RUNNER/session and are proxied to the runner, and POST /live-video-to-video "
+        "with a model that only a live runner serves (app live-video-to-video/MODEL) reserves a session "
+        "there, starts the stream at runner_url/--runner-start-path and feeds it the synthetic input. "
+        "It is not a replacement for go-livepeer: no payments, no gateways, no network.",
+        epilog="Like go-livepeer it closes a stream's channels as soon as the container answers its stop, "
+        "its readers start at the next segment (seq -1), and a container's 401 removes the capability "
+        "and becomes 500. Unlike go-livepeer's orchestrator, which forwards starts past a container's "
+        "capacity to the container (byoc's container refuses them itself with 503), it refuses them with "
+        "503 as a gateway's selection would.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8935, help="port (default 8935, like go-livepeer)")
     parser.add_argument(
-        "--orch-secret", default=DEFAULT_SECRET, help=f"registration secret (default {DEFAULT_SECRET})"
+        "--orch-secret",
+        default=DEFAULT_SECRET,
+        help=f"registration secret of containers and live runners (default {DEFAULT_SECRET}; "
+        "empty turns live-runner registration off, as in go-livepeer)",
     )
     parser.add_argument("--service-url", help="base URL containers reach this orchestrator at")
     parser.add_argument("--container", help="a container's URL, known without registration")
     parser.add_argument("--model-id", default="byoc", help="the capability (model id) of --container")
     parser.add_argument("--capacity", type=int, default=1, help="sessions --container accepts")
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=parse_duration,
+        default=DEFAULT_HEARTBEAT_INTERVAL_S,
+        help="how often live runners heartbeat, e.g. 5s (default 5s, like go-livepeer)",
+    )
+    parser.add_argument(
+        "--heartbeat-ttl",
+        type=parse_duration,
+        default=DEFAULT_HEARTBEAT_TTL_S,
+        help="a live runner without a heartbeat for this long is dropped and its sessions released "
+        "(default 20s, like go-livepeer)",
+    )
+    parser.add_argument(
+        "--runner-start-path",
+        default=DEFAULT_START_PATH,
+        help="where /live-video-to-video starts a stream on a live runner's session "
+        f"(default {DEFAULT_START_PATH}: runner_url/{DEFAULT_START_PATH})",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
@@ -298,5 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         secret=args.orch_secret,
         service_url=args.service_url,
         containers=containers,
+        heartbeat_interval_s=args.heartbeat_interval,
+        heartbeat_ttl_s=args.heartbeat_ttl,
+        runner_start_path=args.runner_start_path.strip("/"),
     )
     return asyncio.run(LocalOrchestrator(settings).serve())

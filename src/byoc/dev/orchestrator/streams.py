@@ -4,7 +4,9 @@
 What the container receives is what go-livepeer's orchestrator sends (docs/protocol.md §2.3 to §2.5): the
 start body with ``gateway_request_id``, the channel URLs and ``params``, ``X-Stream-Id``, and
 ``Authorization: Bearer`` when the capability registered a token; the raw update body to
-``/stream/params``; a plain-text body without Content-Type to ``/stream/stop``.
+``/stream/params``; a plain-text body without Content-Type to ``/stream/stop``. As go-livepeer does, it
+closes every channel of the stream as soon as the container has answered the stop, and the gateway's
+readers start at the next segment to be written (seq -1).
 
 A container that dies (killed, crashed) cannot end its streams itself: every stream probes its
 container's ``/health``, and when it does not answer ``CONTAINER_PROBE_FAILURES`` times in a row the
@@ -33,6 +35,7 @@ from byoc.media.ts import count_pes_starts, first_video_pts
 from byoc.session.stats import percentile
 from byoc.trickle.channels import KEEPALIVE
 from byoc.trickle.layout import StreamChannels
+from byoc.trickle.protocol import SEQ_NEXT
 from byoc.trickle.publisher import TricklePublisher
 from byoc.trickle.subscriber import TrickleSubscriber
 
@@ -54,6 +57,9 @@ _VIDEO_PID = 0x100
 _START_TIMEOUT_S = 30.0
 _STOP_TIMEOUT_S = 10.0
 _DRAIN_TIMEOUT_S = 2.0  # how long the readers get to see the container close its channels
+_GATEWAY_START_SEQ = SEQ_NEXT
+"""Where the gateway's readers of output, events and data start: the next segment to be written, so
+what was published before they subscribed is missed (docs/protocol.md §2.1)."""
 
 
 class StreamState(enum.StrEnum):
@@ -84,6 +90,16 @@ class _Figures:
     final_event: bool = False
     last_segment_complete: bool = False
     output_closed: bool = False
+
+
+def _frames_published(final_event: dict[str, Any]) -> int | None:
+    """The video frames the container says reached its output channel, from its final event: frames
+    out minus the frames of lost segments (docs/protocol.md §5.2); None if the event lacks them."""
+    try:
+        output = final_event["statistics"]["output"]
+        return int(output["frames"]) - sum(int(frames) for frames in output["lost"]["frames"].values())
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
 
 
 class LocalStream:
@@ -157,10 +173,13 @@ class LocalStream:
         ) as response:
             return response.status, await response.read()
 
-    async def stop(self, body: bytes = b"stream ended") -> None:
-        """Tell the container (no Content-Type, plain text), then close every channel."""
+    async def stop(self, body: bytes = b"stream ended") -> tuple[int, bytes]:
+        """Tell the container (no Content-Type, plain text), then close every channel at once, as
+        go-livepeer does whatever the container answered (docs/protocol.md §2.5): what the gateway has
+        not read by then is lost. Returns the container's answer (200 when it gave none)."""
+        status, answer = 200, b""
         if self._ended.is_set():
-            return
+            return status, answer
         self.end_reason = self.end_reason or "stopped"
         with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
             async with asyncio.timeout(_STOP_TIMEOUT_S):
@@ -170,8 +189,10 @@ class LocalStream:
                     headers=self._headers(),
                     skip_auto_headers=["Content-Type"],  # go-livepeer sets none on a stop
                 ) as response:
-                    await response.read()
+                    status, answer = response.status, await response.read()
+        self._close_channels()
         self._stopping.set()
+        return status, answer
 
     def _close_channels(self) -> None:
         for name in self.channels.names().values():
@@ -200,7 +221,8 @@ class LocalStream:
                 if self.request.duration_s:
                     watchers.append(tasks.create_task(self._expire(self.request.duration_s)))
                 await self._stopping.wait()
-                # the container closes output and events on its own; let the readers see that
+                # the container closes output and events on its own (or a stop closed them): let the
+                # readers see that
                 await asyncio.wait(readers, timeout=_DRAIN_TIMEOUT_S)
                 for task in watchers:
                     task.cancel()
@@ -269,7 +291,9 @@ class LocalStream:
     async def _read_output(self) -> None:
         figures = self._figures
         try:
-            async with TrickleSubscriber(self.urls["output"], session=self._http, start_seq=0) as subscriber:
+            async with TrickleSubscriber(
+                self.urls["output"], session=self._http, start_seq=_GATEWAY_START_SEQ
+            ) as subscriber:
                 async for segment in subscriber:
                     data = await segment.read()
                     figures.last_segment_complete = segment.complete
@@ -290,7 +314,9 @@ class LocalStream:
 
     async def _read_events(self) -> None:
         try:
-            async with TrickleSubscriber(self.urls["events"], session=self._http, start_seq=0) as subscriber:
+            async with TrickleSubscriber(
+                self.urls["events"], session=self._http, start_seq=_GATEWAY_START_SEQ
+            ) as subscriber:
                 async for segment in subscriber:
                     with contextlib.suppress(ValueError):
                         document = json.loads(await segment.read())
@@ -305,7 +331,9 @@ class LocalStream:
 
     async def _read_data(self) -> None:
         with contextlib.suppress(TrickleError):
-            async with TrickleSubscriber(self.urls["data"], session=self._http, start_seq=0) as subscriber:
+            async with TrickleSubscriber(
+                self.urls["data"], session=self._http, start_seq=_GATEWAY_START_SEQ
+            ) as subscriber:
                 async for segment in subscriber:
                     self._figures.data_messages += (await segment.read()).count(b"\n")
 
@@ -341,6 +369,7 @@ class LocalStream:
             "data_messages": figures.data_messages,
             "last_status": status.get("state") or status.get("type"),
             "final_event": figures.final_event,
+            "frames_published": _frames_published(status) if figures.final_event else None,
             "last_segment_complete": figures.last_segment_complete,
             "output_closed": figures.output_closed,
             "urls": self.urls,

@@ -1,4 +1,5 @@
-"""Capability registration with a go-livepeer orchestrator (docs/protocol.md §1).
+"""The BYOC protocol: capability registration with a go-livepeer orchestrator (docs/protocol.md §1)
+and the ``/stream/*`` routes it calls (§2, served by byoc.serve.api).
 
 The container announces where it lives and what it costs with ``POST /capability/register`` and keeps
 announcing it: the orchestrator holds registrations in memory only and forgets them on restart without
@@ -15,7 +16,7 @@ import enum
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,12 +24,14 @@ import aiohttp
 from yarl import URL
 
 from byoc.errors import ByocError, ConfigError
+from byoc.serve.api import STREAM_ROUTES, Route
 from byoc.trickle.protocol import RetryPolicy, RetryState
 
 if TYPE_CHECKING:
     from byoc.serve.config import Settings
+    from byoc.serve.protocols import RuntimeView
 
-__all__ = ["CapabilityInfo", "Registrar", "RegistrarState"]
+__all__ = ["ByocProtocol", "CapabilityInfo", "Registrar", "RegistrarState"]
 
 log = logging.getLogger(__name__)
 
@@ -349,3 +352,39 @@ class Registrar:
 
     def _redact(self, text: str) -> str:
         return text.replace(self._secret, "<secret>") if self._secret else text
+
+
+class ByocProtocol:
+    """byoc.serve.protocols.ProtocolAdapter for BYOC: the ``/stream/*`` routes, and a :class:`Registrar`
+    when ``orchestrator_url`` is set. Withdrawing stops the registrar (no idle re-registration may follow)
+    and unregisters; closing has nothing left to say."""
+
+    def __init__(self, settings: Settings, *, http: aiohttp.ClientSession, view: RuntimeView) -> None:
+        self._settings = settings
+        self._http = http
+        self._view = view
+        self._registrar: Registrar | None = None
+        self._running: asyncio.Task[object] | None = None
+
+    def routes(self) -> Sequence[Route]:
+        return STREAM_ROUTES
+
+    @property
+    def state(self) -> str | None:
+        return None if self._registrar is None else str(self._registrar.state)
+
+    async def run(self) -> None:
+        if not self._settings.orchestrator_url:
+            return
+        self._running = asyncio.current_task()
+        self._registrar = Registrar.from_settings(self._http, self._settings)
+        await self._registrar.run(is_idle=lambda: self._view.offer().running == 0)
+
+    async def withdraw(self) -> None:
+        if self._running is not None:
+            self._running.cancel()
+        if self._registrar is not None:
+            await self._registrar.unregister()
+
+    async def close(self) -> None:
+        return None
