@@ -154,6 +154,15 @@ async def sdk_runner(orchestrator: ByocProcess, runner_url: str, **kwargs: Any) 
 async def test_the_sdk_runner_registers_is_discovered_and_unregisters(orchestrator: ByocProcess) -> None:
     echo = EchoApp()
     async with serve_app(echo.app()) as runner_url:
+        with pytest.raises(lpg.LivepeerHTTPError) as refused:
+            await lpg.register_runner(
+                orchestrator.url,
+                secret="not-the-secret",
+                runner_url=runner_url,
+                app=APP,
+                auto_detect_gpu=False,
+            )
+        assert refused.value.status_code == 401
         async with sdk_runner(orchestrator, runner_url, capacity=3, version="1.2.3") as registration:
             assert registration.runner_id
             # the answer's Go durations parsed: the orchestrator said how often to beat and when it forgets
@@ -183,9 +192,9 @@ async def test_heartbeats_keep_a_runner_and_silence_drops_it_after_the_ttl() -> 
         sdk_runner(orchestrator, runner_url, label="beating") as beating,
     ):
         silent = await lpg.register_runner(
-                orchestrator.url, secret=SECRET, runner_url=runner_url, app=APP, label="silent",
-                auto_detect_gpu=False, unregister_on_close=False,
-            )  # fmt: skip
+            orchestrator.url, secret=SECRET, runner_url=runner_url, app=APP, label="silent",
+            auto_detect_gpu=False, unregister_on_close=False,
+        )  # fmt: skip
         ttl = silent.heartbeat_ttl_s
         assert ttl is not None
         await silent.close()  # stops beating without unregistering
@@ -299,7 +308,29 @@ async def test_a_session_through_the_orchestrator_between_the_sdk_client_and_the
         await lpg.stop_runner_session(_Request(result.data["headers"]))
         async with asyncio.timeout(15):
             await released.wait()
-        second.released = True
+
+
+async def test_a_session_proxy_the_sdk_runner_creates_reaches_its_app_until_the_session_ends(
+    orchestrator: ByocProcess,
+) -> None:
+    echo = EchoApp()
+    async with serve_app(echo.app()) as runner_url, sdk_runner(orchestrator, runner_url) as registration:
+        session = await lpg.reserve_session(discovery_url=discovery_url(orchestrator), app=APP)
+        headers = (await lpg.call_runner(f"{session.app_url}/start", payload={})).data["headers"]
+        proxy = await registration.create_proxy(_Request(headers))
+        assert proxy.proxy_id
+        assert proxy.url.startswith(orchestrator.url)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{proxy.url}/hello?y=2") as response:
+                seen = await response.json()
+            assert (seen["method"], seen["path"], seen["query"]) == ("GET", "/hello", "y=2")
+            assert seen["headers"]["Livepeer-Session-Id"] == session.session_id
+            with pytest.raises(lpg.LivepeerHTTPError) as elsewhere:
+                await registration.create_proxy(_Request(headers), "http://example.invalid/")
+            assert elsewhere.value.status_code == 400  # only the runner's own host
+            await lpg.stop_runner_session(session)
+            async with http.get(f"{proxy.url}/hello") as response:
+                assert response.status == 404, "a released session's proxy still answers"
 
 
 def _now(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
@@ -311,7 +342,7 @@ def _now(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
 
 @dataclass(frozen=True)
 class _Request:
-    """What the SDK's runner helpers read from a proxied request: its headers."""
+    """What the SDK's runner-side calls read from a proxied request: its headers."""
 
     headers: dict[str, str]
 
@@ -439,10 +470,21 @@ async def test_a_stream_on_byoc_serve_through_the_orchestrator_with_the_sdk_clie
             assert indices, "the first output segment has no video frame"
             assert set(indices) <= set(range(30)), f"not the inverted pictures of the input: {indices}"
             assert "status" in stream.event_types(), stream.events
+            # the SDK's own client reads the start answer and updates the stream on its control channel
+            job = lpg.LiveVideoToVideo.from_json(stream.answer)
+            assert (job.publish_url, job.subscribe_url) == (
+                stream.url("publish_url"),
+                stream.url("subscribe_url"),
+            )
+            await job.control.write({"note": "updated"})
+            await wait_until(
+                _now(lambda: "params_updated" in stream.event_types()), "the SDK's update is applied", 30
+            )
             # the client's stop releases the session at once: its channels go (the runner cannot publish
             # a final event there any more), the runner hears 'released' on O2R and ends its session
             await lpg.stop_runner_session(stream.session)
             await stream.ended()
+            await job.close()
             for field_name in ("publish_url", "subscribe_url", "events_url", "control_url", "data_url"):
                 assert await _channel_status(stream.url(field_name)) == 404, field_name
             await wait_until(lambda: sessions_are(http, serve, 0), "the runner's session ends", 15)
@@ -516,11 +558,6 @@ async def test_after_the_orchestrator_restarts_the_runners_register_again_and_st
         await first.kill()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="byoc serve --protocol live-runner registers again under a new runner_id after a 401 or 404 "
-    "(src/byoc/serve/protocols/live_runner.py _forget drops it); the SDK sends its runner_id again",
-)
 async def test_the_runner_keeps_its_runner_id_when_it_registers_again() -> None:
     port = free_port()
     first = await orchestrator_process("--heartbeat-interval", "1s", port=port).start()

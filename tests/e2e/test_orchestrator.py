@@ -168,9 +168,10 @@ async def test_a_failing_container_start_frees_everything(
         assert state["capabilities"][0]["load"] == 0
 
 
-def test_demo_writes_a_playable_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("protocol", ["byoc", "live-runner"])
+def test_demo_writes_a_playable_file(tmp_path: Path, protocol: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "byoc", "demo", "--duration", "4"],
+        [sys.executable, "-m", "byoc", "demo", "--duration", "4", "--protocol", protocol],
         cwd=tmp_path,
         capture_output=True,
         text=True,

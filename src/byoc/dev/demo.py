@@ -1,11 +1,11 @@
 """``byoc demo``: a local orchestrator, a container and three live streams, watched for 20 seconds.
 
-It starts ``byoc orchestrator`` and ``byoc serve invert`` as subprocesses (the container registers its
-capability with the orchestrator), starts streams through ``POST /live-video-to-video`` as the
-checklist's curl loop does, shows a live table (per stream: fps, latency, dropped frames; the
-container: sessions, memory, /health latency), writes one processed stream to ``demo-output.ts`` and a
-snapshot of a processed frame to ``demo-snapshot.png``, then sends SIGTERM to the container and
-reports its drain.
+It starts ``byoc orchestrator`` and ``byoc serve invert`` as subprocesses (the container registers
+with the orchestrator: its capability over BYOC, or with ``--protocol live-runner`` as a live
+runner), starts streams through ``POST /live-video-to-video`` as the checklist's curl loop does,
+shows a live table (per stream: fps, latency, dropped frames; the container: sessions, memory,
+/health latency), writes one processed stream to ``demo-output.ts`` and a snapshot of a processed
+frame to ``demo-snapshot.png``, then sends SIGTERM to the container and reports its drain.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import aiohttp
 import av
 
 from byoc.dev.children import ByocProcess, free_port
+from byoc.serve.protocols import PROTOCOLS
 from byoc.trickle.client import TrickleClientSettings, create_client_session
 from byoc.trickle.subscriber import TrickleSubscriber
 
@@ -150,6 +151,7 @@ async def run_demo(
     processor: str = "invert",
     output: Path = Path("demo-output.ts"),
     snapshot: Path = Path("demo-snapshot.png"),
+    protocol: str = "byoc",
     out: TextIO = sys.stdout,
 ) -> DemoResult:
     result = DemoResult()
@@ -158,7 +160,7 @@ async def run_demo(
     container = ByocProcess(
         "serve", processor, "--host", "127.0.0.1", "--port", str(container_port),
         "--max-sessions", str(streams), "--capability-name", _MODEL,
-        "--capability-url", f"http://127.0.0.1:{container_port}",
+        "--capability-url", f"http://127.0.0.1:{container_port}", "--protocol", protocol,
         env={"BYOC_ORCH_SECRET": _SECRET},  # not a flag: a flag is readable in /proc/PID/cmdline
     )  # fmt: skip
     table = _Table(out)
@@ -254,6 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processor", default="invert")
     parser.add_argument("--output", type=Path, default=Path("demo-output.ts"))
     parser.add_argument("--snapshot", type=Path, default=Path("demo-snapshot.png"))
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="byoc",
+        help="how the container joins the orchestrator: byoc (capability registration) or live-runner",
+    )
     args = parser.parse_args(argv)
     result = asyncio.run(
         run_demo(
@@ -262,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             processor=args.processor,
             output=args.output,
             snapshot=args.snapshot,
+            protocol=args.protocol,
         )
     )
     return 0 if result.ok else 1

@@ -172,6 +172,7 @@ class LiveRunner:
         self._timeout = aiohttp.ClientTimeout(total=_REQUEST_TIMEOUT_S)
         self._http: aiohttp.ClientSession | None = None
         self._registration: _Registration | None = None
+        self._runner_id: str | None = None  # kept across registrations: the orchestrator reuses it
         self._interval: float | None = None
         self._ttl: float | None = None
         self._reserved: list[str] = []
@@ -278,6 +279,8 @@ class LiveRunner:
         raise self._failed(status, answer)
 
     def _forget(self) -> None:
+        """The orchestrator forgot this runner (TTL expired, restarted): register again, under the same
+        runner id (``_runner_id``, kept), so that the runner's discovery URL stays the same."""
         self._registration = None
         if self._o2r is not None:
             self._o2r.cancel()
@@ -313,8 +316,8 @@ class LiveRunner:
             "version": __version__,
             "session_ids": self._held(),
         }
-        if self._registration is not None:
-            body["runner_id"] = self._registration.runner_id
+        if self._runner_id is not None:
+            body["runner_id"] = self._runner_id
         if devices := self._view.gpu_devices():
             device = devices[0]
             body["gpu"] = {"id": str(device.index), "name": device.name, "vram_mb": device.total_bytes >> 20}
@@ -347,6 +350,7 @@ class LiveRunner:
         )
         fallback = registration.base if registration is not None else self._orchestrator
         self._registration = _Registration(answer["runner_id"], base or fallback, secret)
+        self._runner_id = self._registration.runner_id
         self._timers(answer)
         if registration is None:
             self._start_o2r(answer.get("o2r"))
