@@ -79,8 +79,10 @@ class FakeLiveOrchestrator:
         self.forgotten = True
 
     async def reserve(self, sid: str) -> None:
+        """Reserve a session; a registered runner hears of it on O2R (a static runner has no O2R)."""
         self.session_ids.append(sid)
-        await self._tell({"event": "reserved", "session": sid})
+        if self._o2r is not None:
+            await self._tell({"event": "reserved", "session": sid})
 
     async def release(self, sid: str) -> None:
         self.session_ids.remove(sid)

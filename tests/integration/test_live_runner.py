@@ -30,6 +30,7 @@ from byoc.trickle.subscriber import TrickleSubscriber
 from tests.conftest import TEST_CLIENT_SETTINGS
 from tests.fake_live_orchestrator import RUNNER_ID, FakeLiveOrchestrator, fake_live_orchestrator
 from tests.integration.test_api import running
+from tests.processors import SlowToStop
 from tests.unit.test_gpu import GIB, MIB, one_gpu
 
 LOGGER = "byoc.serve.protocols.live_runner"
@@ -333,3 +334,39 @@ async def test_the_heartbeat_goes_on_while_the_main_loop_is_blocked() -> None:
             during = [moment for moment in arrived if began < moment < ended]
             # every 100 ms there would be about 20; a heartbeat on the main loop would send none
             assert len(during) >= 3, (len(during), len(arrived))
+
+
+async def test_a_static_runner_serves_without_registering_and_stays_healthy_while_it_drains(
+    trickle: RunningTrickle, http: aiohttp.ClientSession
+) -> None:
+    """Listed by the operator, the runner never heartbeats; the orchestrator polls /health and would
+    release every session on one answer that is not 200, so a drain answers 200 and says so."""
+    async with (
+        fake_live_orchestrator(trickle, http) as orch,
+        running(
+            SlowToStop("2"),
+            protocol="live-runner-static",
+            allowed_channel_hosts=("127.0.0.1",),  # where the orchestrator's callbacks and channels are
+            drain_timeout_s=8.0,
+        ) as (runtime, base),
+    ):
+        await runtime.wait_ready()
+        client = await start_session(http, base, orch, "s1")
+        runtime.request_drain()
+        seen: list[tuple[int, str]] = []
+
+        async def drained_but_healthy() -> bool:
+            async with http.get(f"{base}/health") as response:
+                seen.append((response.status, (await response.json())["status"]))
+            return seen[-1][1] == "draining"
+
+        async with asyncio.timeout(10):
+            while not await drained_but_healthy():  # noqa: ASYNC110 - polled over HTTP, as an orchestrator does
+                await asyncio.sleep(0.02)
+        assert seen[-1] == (200, "draining")
+        assert all(status == 200 for status, _ in seen)
+        await client.ended()
+        assert client.events[-1]["event"]["type"] == "stream_stopped"
+        await orch.wait_for(lambda: ("POST", "/stop") in paths(orch, "s1"))
+    assert orch.heartbeats() == []  # no registration, no unregister
+    assert not any(call.path.endswith("/unregister") for call in orch.calls)

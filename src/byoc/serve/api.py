@@ -81,6 +81,9 @@ class ApiSettings:
     """Bytes of request bodies held at once over all requests; more wait up to ``BODY_WAIT_S``, then 503."""
     limits: RequestLimits = field(default_factory=RequestLimits)
     health_style: str = "byoc"
+    healthy_while_draining: bool = False
+    """Answer /health with 200 (and ``draining`` in the body) while draining: an orchestrator that polls
+    the runner's health releases every session on one other answer (a static live runner)."""
     capability: str = ""
     """The model id ``/version`` reports."""
     processor: str = ""
@@ -267,7 +270,10 @@ async def stream_status(request: web.Request) -> web.StreamResponse:
 
 async def health(request: web.Request) -> web.StreamResponse:
     control = _control(request)
-    status, body = health_response(control.health(), control.settings.health_style)
+    settings = control.settings
+    status, body = health_response(
+        control.health(), settings.health_style, healthy_while_draining=settings.healthy_while_draining
+    )
     return _json(body, status=status)
 
 

@@ -178,9 +178,10 @@ class Settings:
     protocol: str = _setting(
         "byoc",
         "how the container offers itself to the orchestrator: byoc (capability registration and "
-        "/stream/* routes) or live-runner (heartbeat registration, sessions through the orchestrator's "
-        "proxy)",
-        choices=("byoc", "live-runner"),
+        "/stream/* routes), live-runner (heartbeat registration, sessions through the orchestrator's "
+        "proxy) or live-runner-static (the same sessions; the operator lists the runner in the "
+        "orchestrator's configuration, which polls /health)",
+        choices=("byoc", "live-runner", "live-runner-static"),
     )
     orchestrator_url: str | None = _setting(None, "orchestrator to register with, e.g. https://orch:8935")
     orch_secret: str | None = _setting(None, "the orchestrator's -orchSecret", secret=True)
@@ -250,6 +251,10 @@ class Settings:
             problems.append("input_timeout_s and runner_price_usd_per_hour must be >= 0")
         if self.protocol == "live-runner" and not self.orchestrator_url:
             problems.append("protocol live-runner needs orchestrator_url")
+        named = self.orchestrator_url or self.allowed_channel_hosts
+        if self.protocol == "live-runner-static" and not named:
+            # the session token goes to Livepeer-Session-Control: only to a host the operator named
+            problems.append("protocol live-runner-static needs orchestrator_url or allowed_channel_hosts")
         if self.heartbeat_interval_s < 0:
             problems.append(f"heartbeat_interval_s must be >= 0, got {self.heartbeat_interval_s}")
         for option in self.processor_option:

@@ -37,6 +37,7 @@ def api_settings(settings: Settings) -> ApiSettings:
         body_memory_bytes=settings.api_body_memory_bytes,
         limits=RequestLimits(settings.max_params_bytes, settings.max_output_pixels),
         health_style=settings.health_style,
+        healthy_while_draining=settings.protocol == "live-runner-static",
         capability=settings.capability_name,
         processor=settings.processor,
         stop_answer_s=settings.stop_answer_s(),

@@ -44,12 +44,16 @@ _AI_RUNNER_STATUS = {
 }
 
 
-def health_response(view: HealthView, style: str = "byoc") -> tuple[int, dict[str, Any]]:
+def health_response(
+    view: HealthView, style: str = "byoc", *, healthy_while_draining: bool = False
+) -> tuple[int, dict[str, Any]]:
     """HTTP status and JSON body of ``/health``.
 
     byoc style: 200 ``{"status": "ok", ...}`` while the runtime can serve (IDLE or OK), 503 with the state
     while it loads, drains or is broken (more threads stuck in the processor than allowed is broken), so
-    load balancers route elsewhere. ai-runner style: always 200
+    load balancers route elsewhere; with ``healthy_while_draining``, 200 with status ``draining`` while it
+    drains (a static live runner: the orchestrator releases every session on any other answer).
+    ai-runner style: always 200
     with ``{"status": LOADING|IDLE|OK|ERROR}``, the body go-livepeer's LV2V mode reads.
     """
     if style == "ai-runner":
@@ -67,4 +71,5 @@ def health_response(view: HealthView, style: str = "byoc") -> tuple[int, dict[st
         body["error"] = view.error
     if view.registration:
         body["registration"] = view.registration
-    return (200 if serving else 503), body
+    healthy = serving or (healthy_while_draining and view.state is RuntimeState.DRAINING)
+    return (200 if healthy else 503), body

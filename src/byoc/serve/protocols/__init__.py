@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PROTOCOLS", "Offer", "ProtocolAdapter", "RuntimeView", "SessionControl", "create_adapter"]
 
-PROTOCOLS = ("byoc", "live-runner")
+PROTOCOLS = ("byoc", "live-runner", "live-runner-static")
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,10 +112,11 @@ def create_adapter(
 ) -> ProtocolAdapter:
     """The adapter ``settings.protocol`` names. ``http`` is the main loop's client session;
     ``api_loop`` gives the API thread's loop once it runs."""
-    if settings.protocol == "live-runner":
+    if settings.protocol in ("live-runner", "live-runner-static"):
         from byoc.serve.protocols.live_runner import LiveRunner
 
-        return LiveRunner(settings, control=control, view=view, api_loop=api_loop)
+        static = settings.protocol == "live-runner-static"
+        return LiveRunner(settings, control=control, view=view, api_loop=api_loop, static=static)
     from byoc.serve.protocols.byoc import ByocProtocol
 
     return ByocProtocol(settings, http=http, view=view)

@@ -149,22 +149,27 @@ class LiveRunner:
         control: SessionControl,
         view: RuntimeView,
         api_loop: Callable[[], asyncio.AbstractEventLoop],
+        static: bool = False,
     ) -> None:
-        secret = settings.secret()
-        if not settings.orchestrator_url or secret is None:
+        secret = settings.secret() or ""
+        if not static and (not settings.orchestrator_url or not secret):
             raise ConfigError("the live runner needs orchestrator_url and orch_secret or orch_secret_file")
-        try:
-            if not settings.orchestrator_url.startswith(("http://", "https://")):
-                raise ValueError(settings.orchestrator_url)
-            url_address(settings.orchestrator_url)
-        except ValueError:
-            raise ConfigError(
-                f"orchestrator_url must be an http(s) URL, got {settings.orchestrator_url!r}"
-            ) from None
+        if settings.orchestrator_url:
+            try:
+                if not settings.orchestrator_url.startswith(("http://", "https://")):
+                    raise ValueError(settings.orchestrator_url)
+                url_address(settings.orchestrator_url)
+            except ValueError:
+                raise ConfigError(
+                    f"orchestrator_url must be an http(s) URL, got {settings.orchestrator_url!r}"
+                ) from None
         if "\r" in secret or "\n" in secret:
             raise ConfigError("the orchestrator secret contains a line break and cannot be sent as a header")
         self._settings = settings
-        self._orchestrator = settings.orchestrator_url.rstrip("/")
+        self._static = static
+        """Listed by the operator in the orchestrator's configuration: no heartbeat, no O2R, no unregister;
+        the orchestrator polls /health (which keeps answering 200 while draining, byoc.serve.health)."""
+        self._orchestrator = (settings.orchestrator_url or "").rstrip("/")
         self._secret = secret
         self._control = control
         self._view = view
@@ -212,7 +217,10 @@ class LiveRunner:
         self._done = asyncio.Event()
         async with create_client_session(self._settings.trickle()) as http:
             self._http = http
-            self._heartbeat = asyncio.create_task(self._heartbeats(), name="live-runner-heartbeat")
+            if self._static:
+                self._state = "static"
+            else:
+                self._heartbeat = asyncio.create_task(self._heartbeats(), name="live-runner-heartbeat")
             try:
                 await self._done.wait()
             finally:
@@ -461,7 +469,7 @@ class LiveRunner:
         raw = await read_body(request)
         body = json_object(raw) if raw.strip() else {}
         params = body.get("params", body)
-        if self._http is None or self._registration is None or self._withdrawn:
+        if self._http is None or (self._registration is None and not self._static) or self._withdrawn:
             raise AdmissionRefused("not registered with the orchestrator")
         if sid in self._sessions:
             raise SessionExists(f"session {sid!r} is already running")
@@ -495,7 +503,7 @@ class LiveRunner:
             raise InvalidRequest(
                 SESSION_CONTROL, "must be the orchestrator's http(s) URL for the session"
             ) from None
-        bases = [self._orchestrator, *([self._registration.base] if self._registration else [])]
+        bases = [b for b in (self._orchestrator, self._registration.base if self._registration else "") if b]
         rules = [*self._settings.channel_host_rules(), *(HostRule(url_address(base)[0]) for base in bases)]
         if not any(rule.allows(host, port) for rule in rules):
             raise InvalidRequest(
