@@ -27,9 +27,17 @@ def run_check(tmp_path: Path, *args: str, sessions: int = 3) -> tuple[int, str, 
     return result.returncode, result.stdout + result.stderr, json.loads(figures.read_text())
 
 
-def test_a_container_that_behaves_passes_every_item(tmp_path: Path) -> None:
+@pytest.mark.parametrize("protocol", ["byoc", "live-runner"])
+def test_a_container_that_behaves_passes_every_item(tmp_path: Path, protocol: str) -> None:
     code, output, figures = run_check(
-        tmp_path, "load", "--processor-option", "memory_mb=128", "--processor-option", "ms=1"
+        tmp_path,
+        "load",
+        "--processor-option",
+        "memory_mb=128",
+        "--processor-option",
+        "ms=1",
+        "--protocol",
+        protocol,
     )
     items = {item["name"]: item for item in figures["items"]}
     assert set(items) == {"memory", "throughput", "health", "shutdown", "metrics", "bad input"}

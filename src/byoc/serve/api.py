@@ -302,10 +302,10 @@ STREAM_ROUTES: list[Route] = [
     ("POST", "/stream/params", stream_params, True),
     ("POST", "/stream/stop", stream_stop, True),
     ("POST", "/live-video-to-video", live_video_to_video, True),
-    ("GET", "/stream/status", stream_status, True),
 ]
 RUNTIME_ROUTES: list[Route] = [
     # served whatever the protocol
+    ("GET", "/stream/status", stream_status, True),
     ("GET", "/health", health, False),
     ("GET", "/metrics", metrics, False),
     ("GET", "/version", version, False),

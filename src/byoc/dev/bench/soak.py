@@ -9,10 +9,11 @@ nobody writes to for 5 minutes, and a session ends with its control channel). Ev
 descriptors (from /proc) and the ``/health`` p99 over the interval (polled at 20 Hz from a separate
 process, :mod:`byoc.dev.bench.probe`). At the end it fits a line through each figure's samples after the
 warm-up (the first minute: allocator arenas, codec contexts and caches fill once) and holds each slope
-to a bound (:data:`BOUNDS`), and checks that every session kept running and put out every frame it was
-given: no errors, at most 1 % of the video dropped, and frames in minus frames out and dropped (the
-frames still in a session's queues when the figures are read) at most two seconds' worth a session.
-The exit status is 0 when every
+to a bound (:data:`BOUNDS`), and checks that every session kept running without an error and that
+every frame is accounted for: frames in minus frames out and dropped (the frames still in a session's
+queues when the figures are read) at most two seconds' worth a session. How many frames were dropped is
+reported, not judged: whether the sessions keep up is the machine's throughput (``byoc bench serve``,
+``byoc check``), a soak is about what grows. The exit status is 0 when every
 bound and check holds, 1 otherwise.
 """
 
@@ -114,7 +115,6 @@ class SoakReport:
         return (
             all(figure.holds for figure in self.figures)
             and self.sessions_running == self.sessions
-            and self.frames_dropped <= 0.01 * self.frames_in
             and 0 <= self.frames_in_flight <= 2 * _FPS * self.sessions
             and not self.errors
             and self.health_failures == 0

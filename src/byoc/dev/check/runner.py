@@ -46,6 +46,8 @@ from byoc.trickle.client import TrickleClientSettings, create_client_session
 __all__ = ["CheckOptions", "run_check"]
 
 _MODEL = "byoc-check"
+_SECRET = "byoc-check-secret"
+"""The local orchestrator's registration secret when the container joins it as a live runner."""
 _MIB = 1024 * 1024
 _REQUIRED = ("byoc_sessions_active", "byoc_frame_latency_ms", "byoc_gpu_memory_bytes", "byoc_errors")
 _INPUT_FPS = 30.0
@@ -66,6 +68,8 @@ class CheckOptions:
     drain_limit_s: float = 10.0
     shutdown_wait_s: float = 60.0
     serve_args: tuple[str, ...] = ()
+    protocol: str = "byoc"
+    """How the started container joins the local orchestrator: byoc or live-runner."""
     out: TextIO = field(default=sys.stdout)
 
 
@@ -155,6 +159,9 @@ class _Check:
 
     async def start(self) -> None:
         cap = self.o.sessions or _CAP
+        if self.o.protocol == "live-runner":
+            await self._start_live_runner(cap)
+            return
         if not self.o.container_url:
             port = free_port()
             args = ["serve", self.o.processor, "--host", "127.0.0.1", "--port", str(port)]
@@ -176,6 +183,32 @@ class _Check:
         )  # fmt: skip
         await self.orchestrator.start()
         self.say(f"local orchestrator on {self.orchestrator.url}")
+
+    async def _start_live_runner(self, cap: int) -> None:
+        """The orchestrator first, then the container, which registers with it as a live runner; the
+        streams are reserved on it through the orchestrator as a client's would be."""
+        if self.o.container_url:
+            raise ValueError("--protocol live-runner starts its own container: leave out --container-url")
+        self.orchestrator = ByocProcess("orchestrator", "--port", "0", "--orch-secret", _SECRET)
+        await self.orchestrator.start()
+        self.say(f"local orchestrator on {self.orchestrator.url}")
+        port = free_port()
+        args = ["serve", self.o.processor, "--host", "127.0.0.1", "--port", str(port)]
+        args += ["--max-sessions", str(cap), "--protocol", "live-runner", "--capability-name", _MODEL]
+        args += ["--capability-url", f"http://127.0.0.1:{port}", "--orchestrator-url", self.orchestrator.url]
+        args += [
+            *self.o.serve_args,
+            *(a for option in self.o.processor_options for a in ("--processor-option", option)),
+        ]
+        self.container = ByocProcess(*args, env={"BYOC_ORCH_SECRET": _SECRET})
+        await self.container.start()
+        await self.container.wait_healthy(self.http, timeout=180)
+        await self.container.wait_for_log("registered as live runner", timeout=30)
+        self.container_url = self.result.container_url = self.container.url
+        self.say(
+            f"container: byoc serve {self.o.processor} --protocol live-runner on {self.container_url} "
+            f"(registered {time.monotonic() - self.container.started_at:.2f} s after its start)"
+        )
 
     async def stop_processes(self) -> None:
         for process in (self.orchestrator, self.container):
@@ -340,27 +373,43 @@ class _Check:
             "control_url": "http://127.0.0.1:1/c",
             "events_url": "http://127.0.0.1:1/e",
         }
-        cases: list[tuple[str, str, bytes, dict[str, str], int]] = [
-            ("start with broken JSON", "/stream/start", b"{", {}, 400),
-            ("start without control_url", "/stream/start", _dumps({**good, "control_url": None}), {}, 400),
-            (
-                "start with a file: URL",
-                "/stream/start",
-                _dumps({**good, "events_url": "file:///etc/passwd"}),
-                {},
-                400,
-            ),
-            (
-                "start with an odd width",
-                "/stream/start",
-                _dumps({**good, "params": {"width": 5, "height": 8}}),
-                {},
-                400,
-            ),
-            ("start of a running stream", "/stream/start", _dumps(good), {"X-Stream-Id": running}, 409),
-            ("params that are not an object", "/stream/params", b"[1]", {"X-Stream-Id": running}, 400),
-            ("params for an unknown stream", "/stream/params", b"{}", {"X-Stream-Id": "no-such-stream"}, 404),
-        ]
+        cases = (
+            self._live_runner_cases(running)
+            if self.o.protocol == "live-runner"
+            else [
+                ("start with broken JSON", "/stream/start", b"{", {}, 400),
+                (
+                    "start without control_url",
+                    "/stream/start",
+                    _dumps({**good, "control_url": None}),
+                    {},
+                    400,
+                ),
+                (
+                    "start with a file: URL",
+                    "/stream/start",
+                    _dumps({**good, "events_url": "file:///etc/passwd"}),
+                    {},
+                    400,
+                ),
+                (
+                    "start with an odd width",
+                    "/stream/start",
+                    _dumps({**good, "params": {"width": 5, "height": 8}}),
+                    {},
+                    400,
+                ),
+                ("start of a running stream", "/stream/start", _dumps(good), {"X-Stream-Id": running}, 409),
+                ("params that are not an object", "/stream/params", b"[1]", {"X-Stream-Id": running}, 400),
+                (
+                    "params for an unknown stream",
+                    "/stream/params",
+                    b"{}",
+                    {"X-Stream-Id": "no-such-stream"},
+                    404,
+                ),
+            ]
+        )
         problems = []
         answers = {}
         for name, path, body, headers, expected in cases:
@@ -376,6 +425,28 @@ class _Check:
             problems.append(f"only {len(alive)} of {len(self.streams)} sessions survived the bad requests")
         summary = f"{len(cases)} malformed requests answered with reasons; {len(alive)} sessions untouched"
         return _item("bad input", problems, summary, {"answers": answers, "sessions_alive": len(alive)})
+
+    @staticmethod
+    def _live_runner_cases(running: str) -> list[tuple[str, str, bytes, dict[str, str], int]]:
+        """A live runner's start comes only through the orchestrator's proxy, with its headers."""
+        proxied = {
+            "Livepeer-Session-Id": "bad-input",
+            "Livepeer-Session-Token": "token",
+            "Livepeer-Session-Control": "http://169.254.169.254/runner/r/session/bad-input",
+        }
+        no_control = {k: v for k, v in proxied.items() if k != "Livepeer-Session-Control"}
+        return [
+            ("start without the proxy's headers", "/stream/start", b"{}", {}, 400),
+            ("start without a session control URL", "/stream/start", b"{}", no_control, 400),
+            ("start calling back a foreign host", "/stream/start", b"{}", proxied, 400),
+            (
+                "start with an unprintable session id",
+                "/stream/start",
+                b"{}",
+                {**proxied, "Livepeer-Session-Id": "a b"},
+                400,
+            ),
+        ]
 
     # --- 1: leak check --------------------------------------------------------------------------
 
@@ -646,6 +717,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--drain-limit-s", type=float, default=10.0, help="SIGTERM to exit (default 10)")
     parser.add_argument("--serve-arg", action="append", default=[], help="extra argument for byoc serve")
+    parser.add_argument(
+        "--protocol",
+        choices=("byoc", "live-runner"),
+        default="byoc",
+        help="how the started container joins the local orchestrator (default byoc)",
+    )
     parser.add_argument("--json", type=Path, help="write every number to this file")
     parser.add_argument("--report", type=Path, help="write an HTML report with plots to this directory")
     args = parser.parse_args(argv)
@@ -660,6 +737,7 @@ def main(argv: list[str] | None = None) -> int:
         leak_tolerance_mb=args.leak_tolerance_mb,
         drain_limit_s=args.drain_limit_s,
         serve_args=tuple(args.serve_arg),
+        protocol=args.protocol,
     )
     result = asyncio.run(run_check(options))
     print("\n".join(terminal_lines(result)))
