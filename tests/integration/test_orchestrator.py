@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,12 +11,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from byoc.dev.orchestrator import Capability, LocalOrchestrator, OrchestratorSettings
+from byoc.dev.orchestrator import Capability
 from byoc.dev.trickle_server import RequestRecord
 from byoc.trickle import StreamChannels
+from tests.runner_support import SECRET, orchestrator
 from tests.support import serve_app
-
-SECRET = "s3cret"
 
 
 class FakeContainer:
@@ -52,19 +50,6 @@ async def container() -> AsyncIterator[FakeContainer]:
     async with serve_app(app) as url:
         fake.url = url
         yield fake
-
-
-@contextlib.asynccontextmanager
-async def orchestrator(*containers: Capability) -> AsyncIterator[LocalOrchestrator]:
-    orch = LocalOrchestrator(OrchestratorSettings(port=0, secret=SECRET, containers=containers))
-    stop = asyncio.Event()
-    task = asyncio.create_task(orch.serve(shutdown=stop.wait()))
-    await orch.wait_listening()
-    try:
-        yield orch
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 20)
 
 
 async def post(http: aiohttp.ClientSession, url: str, body: bytes, **headers: str) -> tuple[int, Any]:
@@ -186,7 +171,7 @@ async def test_the_gateway_readers_start_at_the_next_segment(
 ) -> None:
     """Like go-livepeer's gateway, the readers of output and events ask for seq -1 first: what the
     container published before they subscribed is not read."""
-    async with orchestrator(Capability(name="m", url=container.url, capacity=1)) as orch:
+    async with orchestrator(containers=(Capability(name="m", url=container.url, capacity=1),)) as orch:
         body = b'{"model_id": "m", "stream_id": "s1", "source": "none"}'
         assert (await post(http, f"{orch.base_url}/live-video-to-video", body))[0] == 200
         channels = StreamChannels("s1")
