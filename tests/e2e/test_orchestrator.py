@@ -91,6 +91,17 @@ def check_accounted(data: bytes, dropped: int, *, at_least: int) -> None:
     assert frames + missing >= at_least
 
 
+async def without_streams(http: aiohttp.ClientSession, url: str, *, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
+    """The orchestrator's /status once it holds no stream (another process: polled over HTTP)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            async with http.get(f"{url}/status") as response:
+                state: dict[str, Any] = await response.json()
+            if not state["streams"]:
+                return state
+            await asyncio.sleep(0.1)
+
+
 async def test_the_checklist_loop(http: aiohttp.ClientSession, orchestrator: ByocProcess) -> None:
     async with container(orchestrator, "--max-sessions", "5") as serve:
         await serve.wait_healthy(http)
@@ -123,13 +134,7 @@ async def test_the_checklist_loop(http: aiohttp.ClientSession, orchestrator: Byo
         serve.signal(signal.SIGTERM)
         assert await serve.wait_exit() == 0
     # the container ended every stream on its way out: the orchestrator freed its capacity
-    async with asyncio.timeout(10):
-        while True:  # another process: polled over HTTP
-            async with http.get(f"{orchestrator.url}/status") as response:
-                state = await response.json()
-            if not state["streams"]:
-                break
-            await asyncio.sleep(0.1)
+    state = await without_streams(http, orchestrator.url, timeout=10)
     assert state["capabilities"] == []  # and it unregistered
 
 
@@ -207,13 +212,7 @@ async def test_the_streams_of_a_killed_container_end_and_free_its_capacity(
         await asyncio.gather(*(first_segments(http, answer["subscribe_url"], 1) for _, answer in answers))
         serve.signal(signal.SIGKILL)  # no drain, no final event, no DELETE: the container is just gone
         assert await serve.wait_exit() == -signal.SIGKILL
-    async with asyncio.timeout(30):
-        while True:  # another process: polled over HTTP
-            async with http.get(f"{orchestrator.url}/status") as response:
-                state = await response.json()
-            if not state["streams"]:
-                break
-            await asyncio.sleep(0.1)
+    state = await without_streams(http, orchestrator.url, timeout=30)
     ended = {stream["stream_id"]: stream["end_reason"] for stream in state["ended"]}
     assert [ended.get(answer["stream_id"]) for _, answer in answers] == ["container gone"] * 2
     assert state["capabilities"] == [{"name": "my-model", "url": serve.url, "capacity": 2, "load": 0}]
