@@ -45,7 +45,7 @@ from byoc.trickle.client import TrickleClientSettings, create_client_session
 from byoc.trickle.layout import StreamChannels
 from byoc.trickle.publisher import TricklePublisher
 
-__all__ = ["ServeReport", "StepReport", "run_serve_bench"]
+__all__ = ["ServeReport", "StepReport", "run_serve_bench", "start_streams"]
 
 _MB = 1024 * 1024
 
@@ -119,18 +119,7 @@ async def _step(
     delivery: str,
     seconds: float,
 ) -> StepReport:
-    streams = [StreamChannels(f"bench{n}-{i}") for i in range(n)]
-    for channels in streams:
-        for role, name in channels.names().items():
-            trickle.server.create_channel(name, channels.mime_type(role))
-    for channels in streams:
-        async with http.post(
-            f"{container.url}/stream/start",
-            json=channels.start_body(trickle.base_url),
-            headers={"X-Stream-Id": channels.stream},
-        ) as response:
-            if response.status != 200:
-                raise RuntimeError(f"start {channels.stream}: {response.status} {await response.text()}")
+    streams = await start_streams(http, container, trickle, [f"bench{n}-{i}" for i in range(n)])
     publishers = [
         TricklePublisher(channels.url(trickle.base_url, "input"), session=http) for channels in streams
     ]
@@ -201,6 +190,26 @@ async def _step(
         health_failures=sum(1 for status in polled["statuses"] if status != 200),
         real_time=min(fps) >= 0.95 * source.fps and dropped / decoded <= 0.01,
     )
+
+
+async def start_streams(
+    http: aiohttp.ClientSession, container: ByocProcess, trickle: RunningTrickle, names: list[str]
+) -> list[StreamChannels]:
+    """The channels of one stream per name on ``trickle``, each stream started on ``container``
+    (RuntimeError when a start is refused)."""
+    streams = [StreamChannels(name) for name in names]
+    for channels in streams:
+        for role, name in channels.names().items():
+            trickle.server.create_channel(name, channels.mime_type(role))
+    for channels in streams:
+        async with http.post(
+            f"{container.url}/stream/start",
+            json=channels.start_body(trickle.base_url),
+            headers={"X-Stream-Id": channels.stream},
+        ) as response:
+            if response.status != 200:
+                raise RuntimeError(f"start {channels.stream}: {response.status} {await response.text()}")
+    return streams
 
 
 async def _sessions(http: aiohttp.ClientSession, container: ByocProcess) -> list[dict[str, Any]]:

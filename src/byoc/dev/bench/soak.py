@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from byoc.dev.bench.inputs import DEFAULT_DELIVERY, DEFAULT_INPUT, add_arguments, bench_input
+from byoc.dev.bench.serve import start_streams
 from byoc.dev.check.analysis import fit_line
 from byoc.dev.children import ByocProcess
 from byoc.dev.corpus import FfmpegNotFound
@@ -40,7 +41,6 @@ from byoc.serve.system import resident_bytes
 from byoc.session.stats import percentile
 from byoc.trickle.channels import KEEPALIVE
 from byoc.trickle.client import TrickleClientSettings, create_client_session
-from byoc.trickle.layout import StreamChannels
 from byoc.trickle.publisher import TricklePublisher
 
 __all__ = ["BOUNDS", "Figure", "SoakReport", "run_soak"]
@@ -202,19 +202,7 @@ async def run_soak(
         try:
             await container.start()
             await container.wait_healthy(http)
-            streams = [StreamChannels(f"soak-{i}") for i in range(sessions)]
-            for channels in streams:
-                for role, name in channels.names().items():
-                    trickle.server.create_channel(name, channels.mime_type(role))
-                async with http.post(
-                    f"{container.url}/stream/start",
-                    json=channels.start_body(trickle.base_url),
-                    headers={"X-Stream-Id": channels.stream},
-                ) as response:
-                    if response.status != 200:
-                        raise RuntimeError(
-                            f"start {channels.stream}: {response.status} {await response.text()}"
-                        )
+            streams = await start_streams(http, container, trickle, [f"soak-{i}" for i in range(sessions)])
             publishers = [TricklePublisher(c.url(trickle.base_url, "input"), session=http) for c in streams]
             controls = [
                 TricklePublisher(
