@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -121,3 +122,19 @@ class SlowToStop(Processor):
 
     def on_stop(self, session: SessionContext) -> None:
         threading.Event().wait(self.stop_s)
+
+
+class BusyStart(Processor):
+    """An ``on_start`` that computes in Python for ``busy_s`` seconds of wall time, as a per-session model
+    warm-up does: the interpreter is busy all along, with only the GIL's switch interval to share."""
+
+    def __init__(self, busy_s: str = "3") -> None:
+        self.busy_s = float(busy_s)
+
+    def on_start(self, session: SessionContext) -> None:
+        deadline = time.monotonic() + self.busy_s
+        while time.monotonic() < deadline:
+            sum(i * i for i in range(1000))
+
+    def process(self, frame: Frame, session: SessionContext) -> Frame:
+        return frame

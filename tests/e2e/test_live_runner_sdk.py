@@ -668,3 +668,59 @@ async def test_a_session_whose_client_vanished_is_released_after_the_input_timeo
             assert await sessions_are(http, serve, 0)
         finally:
             await stream.close()
+
+
+async def test_a_reservation_whose_client_never_calls_gives_its_slot_back(
+    http: aiohttp.ClientSession,
+) -> None:
+    """The runner cannot release a reservation it was never called for (the session token comes with the
+    call), so once the input timeout passes it offers one more slot instead (docs/protocol.md §10.4)."""
+    timeout_s = 1.5
+    async with (
+        orchestrator_process("--heartbeat-interval", "250ms") as orchestrator,
+        runner_process(orchestrator.url, "--max-sessions", "1", "--input-timeout-s", str(timeout_s)) as serve,
+    ):
+        runner = await only_runner(orchestrator)
+        ghost = await lpg.reserve_session(discovery_url=discovery_url(orchestrator), app=runner["app"])
+        began = time.monotonic()
+        assert capacity((await discovered(orchestrator))[runner["url"]]) == (1, 1, 0)
+
+        async def a_slot_again() -> bool:
+            return capacity((await discovered(orchestrator))[runner["url"]]) == (2, 1, 1)
+
+        freed = await wait_until(a_slot_again, "the abandoned reservation stops counting", timeout_s + 30)
+        assert freed - began >= timeout_s, "counted as abandoned before the input timeout"
+        assert not session_released(orchestrator, ghost.session_id)  # the orchestrator still lists it
+        assert sum("never started" in line for line in serve.lines) == 1
+        stream = await start_stream(orchestrator, runner["app"])
+        try:
+            await wait_until(lambda: sessions_are(http, serve, 1), "the new client's session runs", 15)
+            # the orchestrator's count holds both; the runner is full, not offered a third
+            assert capacity((await discovered(orchestrator))[runner["url"]]) == (2, 2, 0)
+        finally:
+            await stream.close()
+
+
+async def test_a_processor_that_keeps_the_interpreter_busy_past_the_ttl_does_not_cost_the_registration(
+    http: aiohttp.ClientSession,
+) -> None:
+    """The heartbeat runs on the API thread: a session's warm-up computing in Python for four times the
+    orchestrator's TTL neither drops the runner nor makes it register again (docs/protocol.md §10.1)."""
+    async with (
+        orchestrator_process("--heartbeat-interval", "250ms", "--heartbeat-ttl", "1s") as orchestrator,
+        runner_process(
+            orchestrator.url, "--processor-option", "busy_s=4", processor="tests.processors:BusyStart"
+        ) as serve,
+    ):
+        runner = await only_runner(orchestrator)
+        began = time.monotonic()
+        stream = await start_stream(orchestrator, runner["app"])  # answered once on_start() returned
+        try:
+            assert time.monotonic() - began >= 4.0
+            assert await sessions_are(http, serve, 1)
+            registered = [line for line in orchestrator.lines if "registered" in line]
+            assert len(registered) == 1, orchestrator.log
+            assert not any("removed" in line for line in orchestrator.lines), orchestrator.log
+            assert capacity((await discovered(orchestrator))[runner["url"]])[1] == 1
+        finally:
+            await stream.close()

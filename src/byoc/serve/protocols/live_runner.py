@@ -15,7 +15,9 @@ channels (``POST {control}/channels``), runs an ordinary session on them and
 answers the client with the channels' public URLs. When the session ends, its channels are removed and
 the orchestrator is told (``DELETE {control}/channels``, ``POST {control}/stop``). The protocol has no
 session TTL and no client liveness, so a session without input for ``input_timeout_s`` ends
-(``input_timeout``), and ``max_session_s`` bounds its length.
+(``input_timeout``), and ``max_session_s`` bounds its length. A reservation whose client never calls
+cannot be released by the runner (only the client's token can), so after ``input_timeout_s`` it no longer
+counts against the capacity the runner offers.
 
 On the drain, a heartbeat with status ``draining`` hides the runner at once without releasing its
 sessions; once they have ended, the runner unregisters.
@@ -24,7 +26,6 @@ sessions; once they have ended, the runner unregisters.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import re
@@ -180,7 +181,10 @@ class LiveRunner:
         self._runner_id: str | None = None  # kept across registrations: the orchestrator reuses it
         self._interval: float | None = None
         self._ttl: float | None = None
-        self._reserved: list[str] = []
+        self._reserved: dict[str, float] = {}
+        """The sessions the orchestrator holds for this runner, with when they were first seen here."""
+        self._abandoned: set[str] = set()
+        """Reservations whose client never called within ``input_timeout_s`` (already logged)."""
         self._sessions: dict[str, _Session] = {}
         self._watchers: set[asyncio.Task[object]] = set()
         self._o2r: asyncio.Task[None] | None = None
@@ -318,7 +322,7 @@ class LiveRunner:
         body: dict[str, Any] = {
             "runner_url": self._view.advertised_url(),
             "app": f"live-video-to-video/{self._settings.capability_name}",
-            "capacity": max(1, offer.capacity),
+            "capacity": max(1, offer.capacity) + len(self._abandoned_reservations()),
             "status": status,
             "mode": "persistent",
             "version": __version__,
@@ -339,6 +343,30 @@ class LiveRunner:
     def _held(self) -> list[str]:
         """The orchestrator's sessions (reserved ones included) and those running here, in order."""
         return [*self._reserved, *(sid for sid in self._sessions if sid not in self._reserved)]
+
+    def _abandoned_reservations(self) -> list[str]:
+        """Reservations not started here within ``input_timeout_s``: their clients vanished before calling.
+        The orchestrator counts them against the capacity until the runner unregisters (the runner has no
+        token to release them), so the capacity offered grows by as many; a late client still gets
+        admission's answer (docs/protocol.md §10.4)."""
+        limit = self._settings.input_timeout_s
+        if not limit:
+            return []
+        now = time.monotonic()
+        stale = [
+            sid for sid, since in self._reserved.items() if sid not in self._sessions and now - since >= limit
+        ]
+        for sid in stale:
+            if sid not in self._abandoned:
+                self._abandoned.add(sid)
+                log.warning(
+                    "session %s: reserved %.0fs ago and never started; it no longer counts against the "
+                    "capacity offered (the orchestrator keeps it until the runner unregisters)",
+                    sid,
+                    now - self._reserved[sid],
+                )
+        self._abandoned &= set(self._reserved)
+        return stale
 
     def _apply(self, raw: bytes, sent: float, registration: _Registration | None) -> None:
         try:
@@ -393,7 +421,8 @@ class LiveRunner:
         crossed the answer is not ended by mistake)."""
         if not isinstance(listed, list) or not all(isinstance(sid, str) for sid in listed):
             return
-        self._reserved = list(listed)
+        now = time.monotonic()
+        self._reserved = {sid: self._reserved.get(sid, now) for sid in listed}
         for session in list(self._sessions.values()):
             if session.session_id not in listed and session.started < sent:
                 log.info("session %s: no longer listed by the orchestrator; ending it", session.session_id)
@@ -447,11 +476,9 @@ class LiveRunner:
             log.debug("O2R message ignored: %.120r", message)
             return
         if event == "reserved":
-            if sid not in self._reserved:
-                self._reserved.append(sid)
+            self._reserved.setdefault(sid, time.monotonic())
             return
-        with contextlib.suppress(ValueError):
-            self._reserved.remove(sid)
+        self._reserved.pop(sid, None)
         if (session := self._sessions.get(sid)) is not None and not session.released:
             log.info("session %s: released by the orchestrator; ending it", sid)
             self._release(session)
