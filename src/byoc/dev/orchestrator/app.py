@@ -11,6 +11,8 @@ GET   /status                              every stream with its statistics, the
 *     /ai/trickle/...                      the trickle channels (auto-create off)
 *     /runners/..., /runner/..., /apps/...  go-livepeer's live-runner side (``live_runner.py``)
 GET   /discovery                           the ready live runners
+POST  /registerLiveRunners                 add or update static live runners (``static_runners.py``);
+                                           ``Authorization`` must be the orchestrator secret
 ===== ==================================== =========================================================
 
 ``/live-video-to-video`` starts on a BYOC container registered for the model; when none is, on a live
@@ -49,6 +51,12 @@ from byoc.dev.orchestrator.runners import (
     RunnerRegistry,
     parse_duration,
 )
+from byoc.dev.orchestrator.static_runners import (
+    DEFAULT_HEALTH_INTERVAL_S,
+    StaticRunnerEntry,
+    StaticRunners,
+    load_config,
+)
 from byoc.dev.orchestrator.streams import LocalStream, StreamRequest
 from byoc.dev.synthetic import LoopingSource
 from byoc.dev.trickle_server import TrickleServer
@@ -80,6 +88,10 @@ class OrchestratorSettings:
     """How often a live runner's O2R channel gets a keep-alive (go-livepeer: 10 s)."""
     runner_start_path: str = DEFAULT_START_PATH
     """The app path the curl loop starts a stream at on a live runner's session."""
+    static_runners: tuple[StaticRunnerEntry, ...] = ()
+    """Static live runners registered at start (``--live-runner-config``)."""
+    live_runner_health_interval_s: float = DEFAULT_HEALTH_INTERVAL_S
+    """How often static live runners' health URLs are fetched (go-livepeer: 5 s)."""
 
     def url(self, port: int) -> str:
         if self.service_url:
@@ -163,6 +175,12 @@ class LocalOrchestrator:
         self.trickle.add_routes(app)
         self.registry.add_routes(app)
         LiveRunnerRoutes(self.runners).add_routes(app)
+        StaticRunners(
+            self.runners,
+            self.settings.secret,
+            self.settings.static_runners,
+            self.settings.live_runner_health_interval_s,
+        ).add_routes(app)
         app.router.add_post("/live-video-to-video", self._start)
         app.router.add_post("/live-video-to-video/{id}/update", self._update)
         app.router.add_post("/live-video-to-video/{id}/stop", self._stop)
@@ -334,18 +352,24 @@ class LocalOrchestrator:
                 "streams": [stream.statistics() for stream in self.streams.values()],
                 "ended": list(self.ended),
                 "capabilities": [c.public() for c in self.registry.capabilities.values()],
-                "live_runners": [
-                    {
-                        "runner_id": runner.runner_id,
-                        "app": runner.info.app,
-                        "status": runner.info.status,
-                        "capacity": runner.info.capacity,
-                        "sessions": list(runner.sessions),
-                    }
-                    for runner in self.runners.runners.values()
-                ],
+                "live_runners": [_runner_status(runner) for runner in self.runners.runners.values()],
             }
         )
+
+
+def _runner_status(runner: LiveRunner) -> dict[str, Any]:
+    described: dict[str, Any] = {
+        "runner_id": runner.runner_id,
+        "app": runner.info.app,
+        "status": runner.info.status,
+        "capacity": runner.info.capacity,
+        "sessions": list(runner.sessions),
+    }
+    if runner.health is not None:
+        described.update(
+            static=True, label=runner.info.label, route=runner.route, health_url=runner.health.url
+        )
+    return described
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -364,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         "sessions at /apps/RUNNER/session and are proxied to the runner, and POST /live-video-to-video "
         "with a model that only a live runner serves (app live-video-to-video/MODEL) reserves a session "
         "there, starts the stream at runner_url/--runner-start-path and feeds it the synthetic input. "
+        "Static live runners (byoc serve --protocol live-runner-static) are listed in --live-runner-config "
+        "instead and followed through their health URL. "
         "It is not a replacement for go-livepeer: no payments, no gateways, no network.",
         epilog="Like go-livepeer it closes a stream's channels as soon as the container answers its stop, "
         "its readers start at the next segment (seq -1), and a container's 401 removes the capability "
@@ -402,8 +428,32 @@ def main(argv: list[str] | None = None) -> int:
         help="where /live-video-to-video starts a stream on a live runner's session "
         f"(default {DEFAULT_START_PATH}: runner_url/{DEFAULT_START_PATH})",
     )
+    parser.add_argument(
+        "--live-runner-config",
+        metavar="PATH",
+        help='static live runners, a JSON file {"runners": [{"label", "runner_url", "app", "capacity", '
+        '"health_url", ...}]} (go-livepeer\'s -liveRunnerConfig): each gets a runner_ id, never '
+        "heartbeats and is ready while its health_url answers healthy_status_code (default 200); any "
+        "other answer makes it unavailable and releases all its sessions. An invalid file stops the "
+        "orchestrator at start. More can be added or updated (by label) with POST /registerLiveRunners "
+        "and the same body; since this orchestrator serves everything on one port, that route wants "
+        "the --orch-secret as its Authorization header",
+    )
+    parser.add_argument(
+        "--live-runner-health-interval",
+        type=parse_duration,
+        default=DEFAULT_HEALTH_INTERVAL_S,
+        help="how often static live runners' health URLs are fetched (3 s timeout), e.g. 250ms "
+        "(default 5s, like go-livepeer)",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
+    static_runners: tuple[StaticRunnerEntry, ...] = ()
+    if args.live_runner_config:
+        try:
+            static_runners = load_config(args.live_runner_config)
+        except ValueError as exc:
+            parser.error(f"--live-runner-config {exc}")
     configure_logging(args.log_level)
     containers: tuple[Capability, ...] = ()
     if args.container:
@@ -417,5 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat_interval_s=args.heartbeat_interval,
         heartbeat_ttl_s=args.heartbeat_ttl,
         runner_start_path=args.runner_start_path.strip("/"),
+        static_runners=static_runners,
+        live_runner_health_interval_s=args.live_runner_health_interval,
     )
     return asyncio.run(LocalOrchestrator(settings).serve())

@@ -83,9 +83,9 @@ def _json(data: object) -> web.Response:
 
 def session_headers(registry: RunnerRegistry, runner: LiveRunner, session: RunnerSession) -> dict[str, str]:
     """The four headers every request proxied to a runner carries (they replace any the client sent)."""
-    control = f"{registry.base_url}/runner/{runner.runner_id}/session/{session.session_id}"
+    control = f"{registry.base_url}/runner/{runner.route}/session/{session.session_id}"
     return {
-        "Livepeer-Runner-Route": runner.runner_id,
+        "Livepeer-Runner-Route": runner.route,
         "Livepeer-Session-Id": session.session_id,
         "Livepeer-Session-Token": runner.session_token(session.session_id),
         "Livepeer-Session-Control": control,
@@ -195,10 +195,10 @@ class LiveRunnerRoutes:
     def _discovered(self, runner: LiveRunner) -> dict[str, Any]:
         info = runner.info
         if info.mode == "single-shot" and info.proxy:
-            url = self._proxy_url(runner.runner_id)
+            url = self._proxy_url(runner.route)
         else:
             kind = "app" if info.mode == "single-shot" else "session"
-            url = f"{self.registry.base_url}/apps/{runner.runner_id}/{kind}"
+            url = f"{self.registry.base_url}/apps/{runner.route}/{kind}"
         described: dict[str, Any] = {"url": url}
         if info.gpu:
             described["gpu"] = info.gpu

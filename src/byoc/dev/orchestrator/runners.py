@@ -7,6 +7,11 @@ treated as gone at once and removed by the next sweep. Every release closes the 
 tells the runner on its O2R channel (``released``), except a removal (unregistering, expiry): as in
 go-livepeer, the O2R channel is closed first, so the runner is told nothing.
 
+Static runners (docs/protocol.md §10.5a, ``static_runners.py``) are listed by the operator instead: they
+never heartbeat, never expire and have no O2R channel; their status follows their health URL. Runners are
+keyed by their route, the name in ``/apps/{route}/...`` and ``/runner/{route}/...``: the runner id, or a
+static runner's label when it is routed by label.
+
 Everything runs on the orchestrator's event loop, so nothing here is locked. Every refusal is a
 :class:`RunnerError` carrying the status go-livepeer answers with.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -42,6 +48,7 @@ __all__ = [
     "RunnerError",
     "RunnerRegistry",
     "RunnerSession",
+    "StaticHealth",
     "go_duration",
     "parse_duration",
 ]
@@ -141,6 +148,14 @@ class RunnerSession:
     released: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+@dataclass(frozen=True)
+class StaticHealth:
+    """How a static runner's health is checked: a GET of ``url`` answering exactly ``status``."""
+
+    url: str
+    status: int = 200
+
+
 @dataclass
 class LiveRunner:
     """A registered runner: what its last heartbeat said, its credentials and its sessions."""
@@ -148,9 +163,21 @@ class LiveRunner:
     runner_id: str
     seed: bytes
     info: RunnerInfo
-    o2r: RunnerChannel
+    o2r: RunnerChannel | None
+    """None for a static runner."""
     last_heartbeat: float
     sessions: dict[str, RunnerSession] = field(default_factory=dict)
+    route: str = ""
+    """Its key in ``/apps/{route}/...``: the runner id unless a static runner is routed by label."""
+    health: StaticHealth | None = None
+    """A static runner's health check; None for a dynamic runner."""
+
+    def __post_init__(self) -> None:
+        self.route = self.route or self.runner_id
+
+    @property
+    def static(self) -> bool:
+        return self.health is not None
 
     @property
     def heartbeat_secret(self) -> str:
@@ -166,7 +193,7 @@ class LiveRunner:
 
 
 class RunnerRegistry:
-    """The dynamic live runners of one orchestrator and their sessions."""
+    """The live runners of one orchestrator, dynamic and static, by route, and their sessions."""
 
     def __init__(
         self,
@@ -202,7 +229,7 @@ class RunnerRegistry:
     def heartbeat(self, info: RunnerInfo, auth: str) -> dict[str, Any]:
         """Register (with the orchestrator secret) or refresh (with the heartbeat secret) a runner."""
         runner_id = info.runner_id or _random_id("runner_")
-        runner = self.runners.get(runner_id)
+        runner = self._by_id(runner_id)
         answer: dict[str, Any] = {
             "runner_id": runner_id,
             "orchestrator": self.base_url,
@@ -216,12 +243,23 @@ class RunnerRegistry:
                 raise RunnerError(401, "invalid registration authorization")
             runner = self._register(runner_id, info)
             answer["heartbeat_secret"] = runner.heartbeat_secret
+            assert runner.o2r is not None
             answer["o2r"] = runner.o2r.public()
         else:
             if self._expired(runner):
                 raise RunnerError(404, "runner not found")
             if not _same(auth, runner.heartbeat_secret):
                 raise RunnerError(401, "invalid heartbeat authorization")
+            if runner.static:  # its heartbeat secret is never given out, so this is rare
+                raise RunnerError(400, "static runner cannot heartbeat")
+            if info.status != runner.info.status:
+                log.info(
+                    "live runner %s (%s) status changed: %s -> %s",
+                    runner_id,
+                    info.app,
+                    runner.info.status or "ready",
+                    info.status or "ready",
+                )
             runner.info = info
             runner.last_heartbeat = self._clock()
         # the orchestrator's own list, oldest first, whatever the runner believes it has
@@ -237,13 +275,89 @@ class RunnerRegistry:
         log.info("live runner %s registered: %s at %s", runner_id, info.app, info.runner_url)
         return runner
 
+    def _by_id(self, runner_id: str) -> LiveRunner | None:
+        """The runner routed as ``runner_id``, or the static runner with that id routed by its label."""
+        runner = self.runners.get(runner_id)
+        if runner is None:
+            runner = next((r for r in self.runners.values() if r.static and r.runner_id == runner_id), None)
+        return runner
+
+    def upsert_static(
+        self, info: RunnerInfo, health: StaticHealth, by_label: bool, healthy: bool
+    ) -> LiveRunner:
+        """Add the static runner labelled ``info.label``, or update the one that has that label in place
+        (same id, same sessions). An unhealthy runner is ``unavailable`` and loses its sessions.
+
+        Raises:
+            RunnerError: 409 when its route is another runner's.
+        """
+        runner = next((r for r in self.runners.values() if r.static and r.info.label == info.label), None)
+        if runner is None:
+            runner_id = _random_id("runner_")
+            while self._by_id(runner_id) is not None:
+                runner_id = _random_id("runner_")
+        else:
+            runner_id = runner.runner_id
+        route = info.label if by_label else runner_id
+        holder = self.runners.get(route)
+        if holder is not None and holder is not runner:
+            raise RunnerError(409, f"route {route!r} is taken by runner {holder.runner_id}")
+        info = dataclasses.replace(info, runner_id=runner_id, status="ready" if healthy else "unavailable")
+        if runner is None:
+            runner = LiveRunner(runner_id, secrets.token_bytes(32), info, None, self._clock(), health=health)
+            log.info(
+                "static live runner %s registered: %s at %s (route %s, healthy: %s)",
+                runner_id,
+                info.app,
+                info.runner_url,
+                route,
+                healthy,
+            )
+        else:
+            self.runners.pop(runner.route, None)
+            runner.info, runner.health = info, health
+            log.info("static live runner %s (%s) updated: %s", runner_id, info.label, info.status)
+        runner.route = route
+        self.runners[route] = runner
+        if not healthy:
+            self.release_all(runner)
+        return runner
+
+    def set_static_health(self, runner: LiveRunner, healthy: bool) -> None:
+        """A static runner's health check result: ``ready``, or ``unavailable`` and every session released."""
+        if self.runners.get(runner.route) is not runner or runner.health is None:
+            return  # removed or replaced while it was being checked
+        status = "ready" if healthy else "unavailable"
+        if status != runner.info.status:
+            log.info(
+                "static live runner %s (%s) health changed: %s (%s)",
+                runner.runner_id,
+                runner.info.app,
+                status,
+                runner.health.url,
+            )
+            runner.info = dataclasses.replace(runner.info, status=status)
+        if not healthy:
+            self.release_all(runner)
+
+    def static_runners(self) -> list[LiveRunner]:
+        return [runner for runner in self.runners.values() if runner.static]
+
+    def release_all(self, runner: LiveRunner) -> None:
+        for session_id in list(runner.sessions):
+            self.release(runner, session_id)
+
     def unregister(self, runner_id: str, auth: str) -> None:
         runner = self.find(runner_id)
+        if runner.static:
+            raise RunnerError(400, "static runner cannot unregister with heartbeat credentials")
         if not _same(auth, runner.heartbeat_secret):
             raise RunnerError(401, "invalid authorization")
         self._remove(runner, "unregister")
 
     def _expired(self, runner: LiveRunner) -> bool:
+        if runner.static:
+            return False
         return self._clock() - runner.last_heartbeat > self.heartbeat_ttl_s
 
     def find(self, runner_id: str) -> LiveRunner:
@@ -262,10 +376,12 @@ class RunnerRegistry:
 
     def _remove(self, runner: LiveRunner, reason: str) -> None:
         # go-livepeer closes the O2R channel before releasing: the runner gets no `released` events here
-        self._trickle.close_channel(runner.o2r.channel_name)
-        for session_id in list(runner.sessions):
-            self.release(runner, session_id)
-        self.runners.pop(runner.runner_id, None)
+        if runner.o2r is not None:
+            self._trickle.close_channel(runner.o2r.channel_name)
+        runner.o2r = None
+        self.release_all(runner)
+        if self.runners.get(runner.route) is runner:
+            del self.runners[runner.route]
         log.info("live runner %s removed (%s)", runner.runner_id, reason)
 
     def sweep(self) -> list[str]:
@@ -277,7 +393,8 @@ class RunnerRegistry:
 
     def send_keepalives(self) -> None:
         for runner in self.runners.values():
-            self._trickle.write_segment(runner.o2r.channel_name, _KEEPALIVE)
+            if runner.o2r is not None:  # a static runner has none
+                self._trickle.write_segment(runner.o2r.channel_name, _KEEPALIVE)
 
     def discovery(self) -> list[LiveRunner]:
         """The runners a client may see: registered, fresh and ready."""
@@ -314,6 +431,8 @@ class RunnerRegistry:
         log.info("live runner %s: session %s released", runner.runner_id, session_id)
 
     def _tell(self, runner: LiveRunner, event: str, session_id: str) -> None:
+        if runner.o2r is None:  # a static runner, or one being removed: nobody to tell
+            return
         message = {"event": event, "session": session_id, "timestamp": _timestamp()}
         self._trickle.write_segment(runner.o2r.channel_name, json.dumps(message).encode())
 
