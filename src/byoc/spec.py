@@ -29,6 +29,7 @@ class EndReason(enum.StrEnum):
     MEDIA_ERROR = "media_error"
     TRICKLE_ERROR = "trickle_error"
     DEADLINE = "deadline"
+    FIRST_FRAME_TIMEOUT = "first_frame_timeout"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,13 @@ class SessionSettings:
     """From a stop to the end: the pipeline drains, the final event goes out and the channels are
     DELETEd within it."""
     max_duration_s: float | None = None
+    input_timeout_s: float | None = None
+    """How long a session with an input channel may go without a new input segment starting to arrive
+    (from its start, for the first one); past it the session ends as ``input_timeout``, so a gateway that
+    vanished without closing the channel frees the slot. None or 0: no limit."""
+    first_frame_timeout_s: float | None = None
+    """How long after its start a session with an input channel may go without decoding a video frame;
+    past it the session ends as ``first_frame_timeout`` (input that never decodes). None or 0: no limit."""
     max_consecutive_errors: int = 10
     process_timeout_s: float | None = 30.0
     """How long one call of a processor hook (``process``, ``process_audio``, ``on_params``, ``on_stop``)

@@ -7,9 +7,10 @@
 
 :meth:`Session.run` drives everything and returns why the session ended: a stop request, the end of
 (or 404 on) the input or control channel, a 404 on a channel it publishes, a fatal processor or media
-error, or its deadline. A graceful end lets the pipeline drain — the encoder is flushed and its last
-segment published — within ``drain_timeout_s``; then a final event goes out and every channel the
-session publishes is DELETEd, so the gateway sees the end at once.
+error, its deadline, no input segment for ``input_timeout_s``, or no decoded video frame within
+``first_frame_timeout_s`` of its start. A graceful end lets the pipeline drain — the encoder is flushed
+and its last segment published — within ``drain_timeout_s``; then a final event goes out and every
+channel the session publishes is DELETEd, so the gateway sees the end at once.
 
 A session is ``starting`` until :meth:`Session.run` has started its tasks, then ``running``, then
 ``ended`` (:class:`SessionState`).
@@ -195,6 +196,7 @@ class Session:
         self._state = SessionState.STARTING
         self._started_at = time.time()
         self._started_mono = time.monotonic()
+        self._input_arrived = asyncio.Event()  # an input segment started arriving (see _watch_input)
         self._errors: dict[str, int] = {}
         self._errors_lock = threading.Lock()  # the stage threads and the loop all count errors
         self._last_error: str | None = None
@@ -228,6 +230,7 @@ class Session:
                 max_fps=spec.max_fps,
                 name=f"decode-{spec.stream_id}",
                 nice=s.thread_nice,
+                codec=s.encoder.codec,
                 on_error=_weakly(self._error),
                 on_frame=self._input_rate.tick,
                 max_buffered_bytes=s.input_buffer_bytes,
@@ -500,6 +503,12 @@ class Session:
                 if self.settings.max_duration_s:
                     deadline = self._deadline(self.settings.max_duration_s)
                     background.append(tasks.create_task(deadline, name=f"{name}:deadline"))
+                if self._decoder is not None and self.settings.input_timeout_s:
+                    idle = self._watch_input(self.settings.input_timeout_s)
+                    background.append(tasks.create_task(idle, name=f"{name}:input-timeout"))
+                if self._decoder is not None and self.settings.first_frame_timeout_s:
+                    first = self._first_frame_deadline(self.settings.first_frame_timeout_s)
+                    background.append(tasks.create_task(first, name=f"{name}:first-frame"))
                 self._state = SessionState.RUNNING
                 try:
                     await self._run_pipeline(output)
@@ -604,6 +613,7 @@ class Session:
         try:
             async with self._subscriber(url) as subscriber:
                 async for segment in subscriber:
+                    self._input_arrived.set()  # the input timeout counts from here
                     async for chunk in segment:
                         await decoder.feed(chunk)  # waits while the decoder is behind: backpressure
                     decoder.end_segment()
@@ -734,6 +744,37 @@ class Session:
     async def _deadline(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
         self.stop(EndReason.DEADLINE)
+
+    async def _watch_input(self, timeout_s: float) -> None:
+        """End the session as ``input_timeout`` once no input segment has started to arrive for
+        ``timeout_s`` (counted from the start for the first one). Waiting for the next segment is the
+        input's normal state, so only the time since the last one began counts: a gateway that vanished
+        without closing its channel would otherwise hold the slot for ever (docs/protocol.md §2.6)."""
+        while True:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._input_arrived.wait()
+            except TimeoutError:
+                break
+            self._input_arrived.clear()  # the clock starts again from this segment
+        self._limit_reached(EndReason.INPUT_TIMEOUT, f"no input segment for {timeout_s:g}s")
+
+    async def _first_frame_deadline(self, timeout_s: float) -> None:
+        """End the session as ``first_frame_timeout`` if it has decoded no video frame ``timeout_s``
+        after its start: input that arrives but never decodes (docs/protocol.md §2.6)."""
+        await asyncio.sleep(timeout_s)
+        if self._input_rate.last is None:  # the decoder ticks it for every video frame it decodes
+            self._limit_reached(
+                EndReason.FIRST_FRAME_TIMEOUT, f"no video frame decoded within {timeout_s:g}s"
+            )
+
+    def _limit_reached(self, reason: EndReason, message: str) -> None:
+        """End the session because one of its limits ran out (unless it is ending already)."""
+        if self.stopping:
+            return
+        log.warning("stream %s: %s; ending it", self.stream_id, message)
+        self._last_error = message
+        self.stop(reason)
 
     async def _report(self, events: EventsWriter | None) -> None:
         """The first event at once, then a status event every ``status_interval_s``, and whatever

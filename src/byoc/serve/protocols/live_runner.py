@@ -14,10 +14,10 @@ A client reaches the container through the orchestrator's proxy, which adds the 
 channels (``POST {control}/channels``), runs an ordinary session on them and
 answers the client with the channels' public URLs. When the session ends, its channels are removed and
 the orchestrator is told (``DELETE {control}/channels``, ``POST {control}/stop``). The protocol has no
-session TTL and no client liveness, so a session without input for ``input_timeout_s`` ends
-(``input_timeout``), and ``max_session_s`` bounds its length. A reservation whose client never calls
-cannot be released by the runner (only the client's token can), so after ``input_timeout_s`` it no longer
-counts against the capacity the runner offers.
+session TTL and no client liveness, so the session's own limits matter here: one without input for
+``input_timeout_s`` ends (``input_timeout``, as under every protocol), and ``max_session_s`` bounds its
+length. A reservation whose client never calls cannot be released by the runner (only the client's token
+can), so after ``input_timeout_s`` it no longer counts against the capacity the runner offers.
 
 On the drain, a heartbeat with status ``draining`` hides the runner at once without releasing its
 sessions; once they have ended, the runner unregisters.
@@ -565,23 +565,16 @@ class LiveRunner:
         return urls
 
     async def _watch(self, session: _Session) -> None:
-        """Until the session ends: end it after ``input_timeout_s`` without an input segment; then remove
-        its channels and tell the orchestrator it is over."""
-        sid, limit = session.session_id, self._settings.input_timeout_s
-        count, changed = -1, time.monotonic()
+        """Until the session ends (the session itself ends one without input for ``input_timeout_s``);
+        then remove its channels and tell the orchestrator it is over."""
+        sid = session.session_id
         try:
             while True:
                 await asyncio.sleep(_WATCH_S)
                 try:
-                    segments = self._control.status(sid).input_segments
+                    self._control.status(sid)
                 except SessionNotFound:
                     return
-                if segments != count:
-                    count, changed = segments, time.monotonic()
-                elif limit and time.monotonic() - changed >= limit:
-                    log.warning("session %s: no input segment for %gs; ending it", sid, limit)
-                    await self._control.end(sid, EndReason.INPUT_TIMEOUT)
-                    changed = float("inf")
         finally:
             self._sessions.pop(sid, None)
             if not session.released:
