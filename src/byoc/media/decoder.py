@@ -11,6 +11,11 @@ when it is due in stream time (:class:`StreamClock`); putting a frame waits whil
 frames that are not late.
 
 A corrupt or truncated segment costs the frames it damaged and an error count, never the session.
+
+Video is decoded in software unless ``codec`` (byoc/media/codecs.py) names NVDEC for the input's codec
+(``h264_cuvid``, ``hevc_cuvid``). NVDEC's frames (nv12) are converted to yuv420p, the format the
+software decoders give, so processors and the encoder see one format. An NVDEC decoder that fails to
+open or to decode makes the stream go on with the software decoder, with one warning.
 """
 
 from __future__ import annotations
@@ -27,8 +32,11 @@ from typing import Any
 
 import av
 import av.filter
+from av.codec.context import Flags
+from av.video.reformatter import VideoReformatter
 
 from byoc.errors import MediaError
+from byoc.media.codecs import ChosenCodecs, codecs_for
 from byoc.media.items import TIME_BASE, AudioItem, Boundary, InputInfo, Item, VideoItem
 from byoc.media.queues import Closed, StageQueue, StreamClock
 from byoc.media.stage import Stage
@@ -218,6 +226,13 @@ class _ByteFeed:
             self._looking_for_pts = False
 
 
+def _copy_timing(source: av.VideoFrame, target: av.VideoFrame) -> None:
+    """``source``'s timestamp on ``target`` (a decoder context of our own may leave no time base)."""
+    target.pts = source.pts
+    if source.time_base is not None:
+        target.time_base = source.time_base
+
+
 class FrameFitter:
     """Scales a frame to cover ``width`` x ``height`` (keeping its aspect ratio) and centre-crops it."""
 
@@ -226,10 +241,12 @@ class FrameFitter:
         self.height = height
         self._graph: av.filter.Graph | None = None
         self._source_key: tuple[int, int, str] | None = None
+        self._reformatter: VideoReformatter | None = None
 
     def fit(self, frame: av.VideoFrame) -> av.VideoFrame:
+        """``frame`` at the fitter's size, as yuv420p when it came as NVDEC's nv12."""
         if frame.width == self.width and frame.height == self.height:
-            return frame
+            return self._planar(frame)
         key = (frame.width, frame.height, frame.format.name)
         if key != self._source_key:
             self._graph = self._build(frame)
@@ -238,8 +255,17 @@ class FrameFitter:
         self._graph.push(frame)
         fitted = self._graph.pull()
         assert isinstance(fitted, av.VideoFrame)
-        fitted.pts, fitted.time_base = frame.pts, frame.time_base
-        return fitted
+        _copy_timing(frame, fitted)
+        return self._planar(fitted)
+
+    def _planar(self, frame: av.VideoFrame) -> av.VideoFrame:
+        if frame.format.name != "nv12":
+            return frame
+        if self._reformatter is None:
+            self._reformatter = VideoReformatter()
+        planar = self._reformatter.reformat(frame, format="yuv420p", threads=1)
+        _copy_timing(frame, planar)
+        return planar
 
     def _build(self, frame: av.VideoFrame) -> av.filter.Graph:
         graph = av.filter.Graph()
@@ -304,8 +330,16 @@ class Decoder(Stage):
         max_buffered_bytes: int = DEFAULT_BUFFERED_BYTES,
         latency_budget_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        codec: str | ChosenCodecs = "cpu",
     ) -> None:
         super().__init__(name, nice=nice)
+        self._codec = codec
+        """``auto``, ``cpu`` or ``nvidia`` (resolved once per process when decoding starts), or the
+        codecs already chosen."""
+        self._codecs: ChosenCodecs | None = None
+        self._input_codec = ""  # the FFmpeg name of the video codec being decoded
+        self._hardware = False  # the video context is an NVDEC decoder
+        self._hardware_failed = False  # NVDEC failed once: software for the rest of the stream
         self._output = output
         self._on_frame = on_frame or (lambda: None)
         self._fitter = FrameFitter(width, height)
@@ -393,7 +427,9 @@ class Decoder(Stage):
             self._feed.video_pid = video.id
             self._feed.video_codec = video.codec_context.name
             self._flush_unit = FLUSH_UNITS.get(video.codec_context.name, b"")
-            self._video_context = video.codec_context
+            self._codecs = self._codec if isinstance(self._codec, ChosenCodecs) else codecs_for(self._codec)
+            self._input_codec = video.codec_context.name
+            self._video_context = self._open_video_decoder(self._input_codec, video.codec_context)
             streams: list[av.stream.Stream] = [video]
             if container.streams.audio:
                 streams.append(container.streams.audio[0])
@@ -432,18 +468,27 @@ class Decoder(Stage):
         assert self._video_context is not None
         position = packet.pos
         codec = self._feed.stream_types.codec_at(position, video.id) if position is not None else None
-        if codec is not None and codec != self._video_context.name:
+        if codec is not None and codec != self._input_codec:
             packet = _without_leading(packet, self._flush_unit)  # the old codec's flush delimiters
             self._switch_codec(codec)
-        try:
-            frames: list[object] = [*self._video_context.decode(packet)]
-        except av.error.FFmpegError as exc:
-            self._on_error("decode", None)
-            log.debug("damaged %s packet: %s", packet.stream.type, exc)
-            return
-        for frame in frames:
+        for frame in self._decode_video(packet):
             if isinstance(frame, av.VideoFrame):
                 self._video(frame)
+
+    def _decode_video(self, packet: av.Packet[Any]) -> list[object]:
+        """The frames ``packet`` completes; none when it is damaged (counted). A failing NVDEC decoder
+        gives way to a software one, which decodes the packet again."""
+        assert self._video_context is not None
+        try:
+            return [*self._video_context.decode(packet)]
+        except av.error.FFmpegError as exc:
+            if not self._hardware:
+                self._on_error("decode", None)
+                log.debug("damaged video packet: %s", exc)
+                return []
+            self._hardware_failure(self._video_context.name, exc)
+        self._video_context = self._open_video_decoder(self._input_codec, None)
+        return self._decode_video(packet)
 
     def _audio(self, packet: av.Packet[Any]) -> None:
         """Audio that cannot be decoded is dropped as audio (an ``audio_decode`` error); the video goes
@@ -484,7 +529,7 @@ class Decoder(Stage):
         a new decoder for it, after taking the frames the old one still holds."""
         old = self._video_context
         assert old is not None
-        log.info("the input's video codec changed from %s to %s", old.name, codec)
+        log.info("the input's video codec changed from %s to %s", self._input_codec, codec)
         try:
             held = old.decode(None)
         except av.error.FFmpegError:
@@ -492,11 +537,40 @@ class Decoder(Stage):
         for frame in held:
             if isinstance(frame, av.VideoFrame):
                 self._video(frame)
+        self._input_codec = codec
+        self._video_context = self._open_video_decoder(codec, None)
+        self._flush_unit = FLUSH_UNITS.get(codec, b"")
+
+    def _open_video_decoder(self, codec: str, software: av.VideoCodecContext | None) -> av.VideoCodecContext:
+        """A decoder for input ``codec``: NVDEC where it was chosen and has not failed on this stream,
+        else ``software`` (the demuxer's own context) or a new software one."""
+        assert self._codecs is not None
+        name = self._codecs.decoder_for(codec)
+        self._hardware = False
+        if name != codec and not self._hardware_failed:
+            try:
+                hardware = av.CodecContext.create(name, "r")
+                assert isinstance(hardware, av.VideoCodecContext)
+                hardware.flags |= int(Flags.low_delay)  # no display delay: a frame out per frame in
+                hardware.open()
+            except (av.error.FFmpegError, OSError, ValueError) as exc:
+                self._hardware_failure(name, exc)
+            else:
+                self._hardware = True
+                return hardware
+        if software is not None:
+            return software
         context = av.CodecContext.create(codec, "r")
         assert isinstance(context, av.VideoCodecContext)
         context.thread_count = 1
-        self._video_context = context
-        self._flush_unit = FLUSH_UNITS.get(codec, b"")
+        return context
+
+    def _hardware_failure(self, name: str, exc: Exception) -> None:
+        """NVDEC failed: this stream goes on in software (one warning per stream)."""
+        if not self._hardware_failed:
+            log.warning("%s failed (%s); this stream is decoded in software", name, exc)
+        self._hardware_failed = True
+        self._hardware = False
 
     def _restore_wrapped(self, packet: av.Packet[Any]) -> None:
         """Undo FFmpeg's wrap correction: MPEG-TS timestamps are 33-bit counts, never negative, but

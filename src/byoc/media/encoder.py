@@ -1,8 +1,10 @@
 """The encoder stage: H.264 (+ Opus) in MPEG-TS, cut into segments that each start with an IDR.
 
 It runs on its own thread. Video frames are encoded by one libx264 context (no B-frames, zero
-latency, one thread) and audio by one libopus context at 48 kHz; each output segment is its own
-MPEG-TS container, so every segment starts with PAT/PMT and its first video frame is a forced IDR.
+latency, one thread), or by NVENC (``h264_nvenc``, the same live settings) where ``--codec`` chose it
+(byoc/media/codecs.py; an NVENC that fails to open gives way to libx264 with a warning), and audio by
+one libopus context at 48 kHz; each output segment is its own MPEG-TS container, so every segment
+starts with PAT/PMT and its first video frame is a forced IDR.
 Video timestamps pass through unchanged. A segment ends right after the last frame of an input segment
 (a :class:`Boundary`) once it has lasted half of ``segment_s``, and is cut before a frame that would
 make it longer than ``segment_s``. Bytes go to the :class:`OutputSink` as each packet is muxed, so the
@@ -25,6 +27,7 @@ audio.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -37,6 +40,7 @@ from av.video.frame import PictureType
 from av.video.reformatter import VideoReformatter
 
 from byoc.errors import MediaError
+from byoc.media.codecs import NVIDIA_ENCODER, PREFERENCES, SOFTWARE_ENCODER, ChosenCodecs, codecs_for
 from byoc.media.items import TIME_BASE, AudioItem, Boundary, InputInfo, Item, VideoItem
 from byoc.media.queues import Closed, StageQueue
 from byoc.media.stage import Stage
@@ -47,6 +51,7 @@ __all__ = [
     "EncoderSettings",
     "EncoderStatistics",
     "OutputSink",
+    "nvenc_options",
     "open_video_encoder",
 ]
 
@@ -91,9 +96,17 @@ class EncoderSettings:
     """Frame rate hint for rate control; timestamps come from the frames."""
     segment_s: float = 1.0
     preset: str = "superfast"
+    """libx264's preset (NVENC always uses its fastest, ``p1``)."""
     crf: int = 23
+    """libx264's constant rate factor; NVENC's constant-quality level (``cq``)."""
+    codec: str = "auto"
+    """Which video codecs: ``auto``, ``cpu`` or ``nvidia`` (byoc/media/codecs.py)."""
 
     def __post_init__(self) -> None:
+        if self.codec not in PREFERENCES:
+            raise ValueError(f"codec must be one of {', '.join(PREFERENCES)}, got {self.codec!r}")
+        if self.codec == "nvidia":  # refused at start-up (ConfigError) where NVDEC/NVENC do not work
+            codecs_for(self.codec, announce=False)
         if not 0.1 <= self.segment_s <= MAX_SEGMENT_S:
             raise ValueError(f"segment_s must be within 0.1..{MAX_SEGMENT_S} s, got {self.segment_s}")
         if self.width <= 0 or self.height <= 0 or self.width % 2 or self.height % 2:
@@ -115,10 +128,32 @@ class EncoderStatistics:
     """Audio frames not sent: older than the first video frame, held too long, or failed."""
 
 
-def open_video_encoder(settings: EncoderSettings) -> av.VideoCodecContext:
-    """An open libx264 context for live segments: one thread, zero latency, no B-frames, and IDRs only
-    where a frame asks for one (the start of each segment)."""
-    encoder = av.CodecContext.create("libx264", "w")
+def nvenc_options(settings: EncoderSettings) -> dict[str, str]:
+    """NVENC's options for live segments: its fastest preset tuned for ultra-low latency, no B-frames,
+    no frame delay, constant quality ``crf``, and a frame that asks for a keyframe (the first of each
+    segment) made an IDR. The GOP is one segment long."""
+    return {
+        "preset": "p1",
+        "tune": "ull",
+        "zerolatency": "1",
+        "delay": "0",
+        "bf": "0",
+        "forced-idr": "1",
+        "g": str(max(1, math.ceil(settings.segment_s * settings.fps))),
+        "rc": "vbr",
+        "cq": str(settings.crf),
+        "b": "0",  # no bitrate target: constant quality
+    }
+
+
+def open_video_encoder(settings: EncoderSettings, name: str | None = None) -> av.VideoCodecContext:
+    """An open encoder context for live segments: ``name`` (libx264 or h264_nvenc; default: what
+    ``settings.codec`` chose). libx264 runs on one thread with zero latency, no B-frames, and IDRs only
+    where a frame asks for one (the start of each segment); NVENC as :func:`nvenc_options` says."""
+    name = name or codecs_for(settings.codec).encoder
+    if name == NVIDIA_ENCODER:
+        return _open_nvenc(settings)
+    encoder = av.CodecContext.create(SOFTWARE_ENCODER, "w")
     assert isinstance(encoder, av.VideoCodecContext)
     encoder.width, encoder.height, encoder.pix_fmt = settings.width, settings.height, "yuv420p"
     encoder.time_base, encoder.framerate = TIME_BASE, Fraction(settings.fps, 1)
@@ -130,6 +165,16 @@ def open_video_encoder(settings: EncoderSettings) -> av.VideoCodecContext:
         "forced-idr": "1",
         "x264-params": "bframes=0:keyint=infinite:scenecut=0",
     }
+    encoder.open()
+    return encoder
+
+
+def _open_nvenc(settings: EncoderSettings) -> av.VideoCodecContext:
+    encoder = av.CodecContext.create(NVIDIA_ENCODER, "w")
+    assert isinstance(encoder, av.VideoCodecContext)
+    encoder.width, encoder.height, encoder.pix_fmt = settings.width, settings.height, "yuv420p"
+    encoder.time_base, encoder.framerate = TIME_BASE, Fraction(settings.fps, 1)
+    encoder.options = nvenc_options(settings)
     encoder.open()
     return encoder
 
@@ -175,8 +220,11 @@ class Encoder(Stage):
         on_frame: Callable[[VideoItem], None] | None = None,
         on_error: Callable[[str, str | None], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        codecs: ChosenCodecs | None = None,
     ) -> None:
         super().__init__(name, nice=nice)
+        self._codecs = codecs
+        """The video codecs (default: what ``settings.codec`` chose for the process)."""
         self._source = source
         self._sink = sink
         self.settings = settings
@@ -228,7 +276,7 @@ class Encoder(Stage):
 
     def _run(self) -> None:
         try:
-            self._video_encoder()  # open x264 now: the first frame must not wait for it
+            self._video_encoder()  # open the encoder now: the first frame must not wait for it
             while True:
                 try:
                     item = self._source.get()
@@ -298,7 +346,17 @@ class Encoder(Stage):
 
     def _video_encoder(self) -> av.VideoCodecContext:
         if self._video is None:
-            self._video = open_video_encoder(self.settings)
+            name = (self._codecs or codecs_for(self.settings.codec)).encoder
+            try:
+                self._video = open_video_encoder(self.settings, name)
+            except (av.error.FFmpegError, OSError, ValueError) as exc:
+                if name == SOFTWARE_ENCODER:
+                    raise
+                # e.g. the GPU's limit on concurrent NVENC sessions: this session encodes on the CPU
+                log.warning(
+                    "%s failed to open (%s); this stream is encoded with %s", name, exc, SOFTWARE_ENCODER
+                )
+                self._video = open_video_encoder(self.settings, SOFTWARE_ENCODER)
         return self._video
 
     def _audio_encoder(self) -> av.AudioCodecContext:
