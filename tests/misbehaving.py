@@ -54,3 +54,13 @@ class Crashing(Processor):
     def process(self, frame: Frame, session: SessionContext) -> Frame:
         ctypes.string_at(0)
         return frame
+
+
+class CrashingOnRequest(Processor):
+    """Passes frames through until the session's params say ``crash``; then reads address 0 (a
+    segmentation fault) on its next frame."""
+
+    def process(self, frame: Frame, session: SessionContext) -> Frame:
+        if session.params.get("crash"):
+            ctypes.string_at(0)
+        return frame

@@ -138,3 +138,42 @@ class BusyStart(Processor):
 
     def process(self, frame: Frame, session: SessionContext) -> Frame:
         return frame
+
+
+_LEAKED: list[bytearray] = []
+
+
+class LeakingPerSession(Processor):
+    """Keeps ``leak_mb`` MiB (written, so resident) for ever each time a session starts: memory that
+    never comes back, as a native library's per-session context that is never freed."""
+
+    def __init__(self, leak_mb: str = "50") -> None:
+        self.leak_bytes = int(float(leak_mb) * 1024 * 1024)
+
+    def on_start(self, session: SessionContext) -> None:
+        _LEAKED.append(bytearray(b"\x01") * self.leak_bytes)
+
+    def process(self, frame: Frame, session: SessionContext) -> Frame:
+        return frame
+
+
+class OutOfMemoryError(RuntimeError):
+    """Named as torch's CUDA out-of-memory error is (torch.cuda.OutOfMemoryError)."""
+
+
+class OutOfMemoryOnRequest(Processor):
+    """Fails every frame of a session whose params say ``oom`` as a GPU out of memory would."""
+
+    def process(self, frame: Frame, session: SessionContext) -> Frame:
+        if session.params.get("oom"):
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return frame
+
+
+class Talking(Processor):
+    """Sends a data message and an event for every frame it passes through."""
+
+    def process(self, frame: Frame, session: SessionContext) -> Frame:
+        session.send_data({"frame": frame.index, "stream": session.stream_id})
+        session.send_event({"type": "seen", "frame": frame.index})
+        return frame

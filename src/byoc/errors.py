@@ -13,6 +13,7 @@ Every error byoc raises on purpose derives from :class:`ByocError`::
     │   └── DataLineTooLong          a JSONL line of 64 KiB or more (go-livepeer cannot read it)
     ├── MediaError                   decoding or encoding failed beyond recovery
     ├── ProcessorError               the model author's code raised
+    │   └── ProcessorLost            the worker process running it died (isolation process)
     └── SessionError                 a request about sessions cannot be honoured
         ├── SessionExists            a start for an id that is already running (HTTP 409)
         ├── SessionNotFound          params for an unknown id (HTTP 404)
@@ -32,11 +33,13 @@ __all__ = [
     "MediaError",
     "ProcessorError",
     "ProcessorLoadError",
+    "ProcessorLost",
     "RetriesExhausted",
     "SessionError",
     "SessionExists",
     "SessionNotFound",
     "TrickleError",
+    "error_kind",
 ]
 
 
@@ -93,6 +96,11 @@ class ProcessorError(ByocError):
     """The processor raised while handling a frame or a session hook."""
 
 
+class ProcessorLost(ProcessorError):
+    """The worker process that ran the processor for a session died (``--isolation process``): the
+    session cannot go on, whatever its own hooks did."""
+
+
 class SessionError(ByocError):
     """A request about a session cannot be honoured."""
 
@@ -112,3 +120,14 @@ class AdmissionRefused(SessionError):
         super().__init__(reason)
         self.reason = reason
         self.retry_after_s = retry_after_s
+
+
+_OOM_NAMES = ("MemoryError", "OutOfMemoryError")
+
+
+def error_kind(exc: BaseException) -> str:
+    """``oom`` for GPU (or host) out-of-memory failures, ``process`` for anything else a processor raised."""
+    # by name too: a failure in a worker process arrives as a class named after the original
+    if isinstance(exc, MemoryError) or type(exc).__name__ in _OOM_NAMES or "out of memory" in str(exc):
+        return "oom"
+    return "process"

@@ -7,7 +7,9 @@ that shape, or (H, W, 3), back into an H x W x 3 uint8 array that ``process()`` 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import sys
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,7 +20,17 @@ from byoc.processor import Frame
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["to_rgb", "to_tensor", "torch_module"]
+__all__ = ["release_cached_memory", "to_rgb", "to_tensor", "torch_module"]
+
+
+def release_cached_memory() -> None:
+    """Give the torch CUDA allocator's cached blocks back to the device, after an out-of-memory error;
+    nothing when torch is not imported or this process never used CUDA."""
+    cuda = getattr(sys.modules.get("torch"), "cuda", None)
+    if cuda is None or not cuda.is_initialized():
+        return
+    with contextlib.suppress(Exception):  # a broken driver must not turn one error into two
+        cuda.empty_cache()
 
 
 def torch_module() -> Any:

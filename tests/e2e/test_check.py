@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -40,9 +41,10 @@ def test_a_container_that_behaves_passes_every_item(tmp_path: Path, protocol: st
         protocol,
     )
     items = {item["name"]: item for item in figures["items"]}
-    assert set(items) == {"memory", "throughput", "health", "shutdown", "metrics", "bad input"}
-    for name in ("memory", "health", "shutdown", "metrics", "bad input"):
+    assert set(items) == {"memory", "throughput", "health", "shutdown", "metrics", "bad input", "isolation"}
+    for name in ("memory", "health", "shutdown", "metrics", "bad input", "isolation"):
         assert items[name]["passed"], f"{name}: {items[name]}\n{output}"
+    isolation_reports_the_leak_check(items, "thread", output)
     # throughput is a figure of this machine: whichever way it went, it is reported with its figures
     throughput_reported_as_measured(items["throughput"], figures["steps"], output)
     assert (code == 0) == items["throughput"]["passed"], output
@@ -55,12 +57,62 @@ def test_a_container_that_behaves_passes_every_item(tmp_path: Path, protocol: st
     first_late = items["throughput"]["figures"]["first_late"]
     by_throughput = items["throughput"]["figures"]["max_real_time"] if first_late else None
     assert figures["recommended_max_sessions"] == min(v for v in (expected, by_throughput) if v is not None)
-    assert [step["sessions"] for step in figures["steps"]] == [1, 2, 3]
+    # the ramp goes 1, 2, 3 and stops at the first step this machine could not keep in real time
+    steps = figures["steps"]
+    assert [step["sessions"] for step in steps] == list(range(1, len(steps) + 1))
+    assert len(steps) == 3 or not steps[-1]["real_time"], steps
     assert len(figures["health"]) > 100
     assert len(figures["shutdown"]) == 3
     for name in ("index.html", "report.md", "memory.png", "health.png", "fps.png"):
         assert (tmp_path / "report" / name).stat().st_size > 1000, name
     assert (tmp_path / "report" / "memory.png").read_bytes().startswith(b"\x89PNG")
+
+
+def isolation_reports_the_leak_check(items: dict[str, Any], mode: str, output: str) -> None:
+    """The isolation item says its mode and the memory item's figures, with the verdict they give."""
+    item, memory = items["isolation"], items["memory"]["figures"]
+    figures = item["figures"]
+    assert figures["mode"] == mode
+    assert figures["leftover_after_sessions"] == memory["leftover_after_sessions"]
+    assert figures["leak_tolerance"] == memory["leak_tolerance"]
+    assert item["passed"] == (figures["leftover_after_sessions"] <= figures["leak_tolerance"])
+    line = next(line for line in output.splitlines() if line.split()[1:2] == ["isolation"])
+    assert line.startswith(("PASS" if item["passed"] else "FAIL") + f"  isolation  isolation {mode}: "), line
+    assert ("memory came back" in line) == item["passed"], line
+
+
+def documented_threshold_mb(figures: dict[str, Any]) -> int:
+    """README, `byoc check`: 4 times the leftover per session, at least the tolerance and 100 MiB, rounded
+    up to a multiple of 50 MiB."""
+    per_session = figures["leftover_after_sessions"] / figures["sessions_ended"]
+    wanted = max(4 * per_session, figures["leak_tolerance"]) / MIB
+    return max(100, math.ceil(float(wanted) / 50) * 50)
+
+
+def test_process_isolation_counts_the_workers_memory(tmp_path: Path) -> None:
+    _, output, figures = run_check(
+        tmp_path,
+        "load",
+        "--processor-option",
+        "memory_mb=128",
+        "--processor-option",
+        "ms=1",
+        "--isolation",
+        "process",
+        sessions=2,
+    )
+    items = {item["name"]: item for item in figures["items"]}
+    assert items["isolation"]["passed"], f"{items['isolation']}\n{output}"
+    assert items["memory"]["passed"], f"{items['memory']}\n{output}"
+    isolation_reports_the_leak_check(items, "process", output)
+    # the 128 MiB of each session live in the worker process: seen there, and in the container's total
+    isolation = items["isolation"]["figures"]
+    assert 0.75 * 128 * MIB <= isolation["workers_per_session"] <= 1.25 * 128 * MIB, isolation
+    fit = next(f for f in figures["fits"] if f["resource"] == "rss")
+    assert 0.75 * 128 * MIB <= fit["per_session"] <= 1.25 * 128 * MIB, fit
+    assert isolation["per_session"] == fit["per_session"]
+    assert all(sample["workers"] > 0 for sample in figures["memory"][:4])  # the worker runs from the start
+    assert [step["sessions"] for step in figures["steps"]] == [1, 2]
 
 
 def throughput_reported_as_measured(item: dict[str, Any], steps: list[dict[str, Any]], output: str) -> None:
@@ -119,3 +171,12 @@ def test_a_leaking_stubborn_container_fails_memory_and_shutdown(tmp_path: Path) 
     assert items["health"]["passed"]
     assert "FAIL  memory" in output
     assert "FAIL  shutdown" in output
+    # 96 MiB kept per session: the isolation item says so and how to contain it
+    isolation_reports_the_leak_check(items, "thread", output)
+    leak = items["isolation"]["figures"]
+    assert leak["sessions_ended"] == 3
+    assert 0.75 * 96 * MIB <= leak["leftover_after_sessions"] / 3 <= 1.25 * 96 * MIB, leak
+    threshold = leak["recommended_leak_threshold_mb"]
+    assert threshold == documented_threshold_mb(leak)
+    assert f"run with --isolation process --leak-threshold-mb {threshold} " in items["isolation"]["reason"]
+    assert f"--isolation process --leak-threshold-mb {threshold}" in output

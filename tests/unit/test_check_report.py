@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from byoc.dev.check.isolation import isolation_item, leak_threshold_mb, recycle_after_sessions
 from byoc.dev.check.model import (
     CheckResult,
     HealthSample,
@@ -234,3 +235,63 @@ def test_report_without_matplotlib_raises_config_error(
     with pytest.raises(ConfigError, match=r"pip install 'byoc\[report\]'"):
         write_report(_result(), tmp_path / "report")
     assert not (tmp_path / "report").exists()
+
+
+def test_leak_threshold_is_four_leftovers_per_session_rounded_up_to_50_mib() -> None:
+    # 3 sessions left 288 MiB: 96 per session, 4 times is 384, rounded up to 400
+    assert leak_threshold_mb(288 * MIB, 3, 64 * MIB) == 400
+    assert leak_threshold_mb(300 * MIB, 3, 64 * MIB) == 400  # exactly 400: no rounding
+    assert leak_threshold_mb(301 * MIB, 3, 64 * MIB) == 450
+    assert leak_threshold_mb(30 * MIB, 3, 64 * MIB) == 100  # never below 100 MiB
+    assert leak_threshold_mb(120 * MIB, 1, 640 * MIB) == 650  # never below the leak tolerance
+    assert recycle_after_sessions(400, 288 * MIB, 3) == 4  # 400 MiB of 96 MiB leaks
+    assert recycle_after_sessions(100, 0, 3) == 1
+
+
+def test_isolation_item_passes_when_memory_came_back() -> None:
+    item = isolation_item(
+        "thread", per_session=128 * MIB, workers_per_session=None, leftover=5 * MIB, tolerance=64 * MIB,
+        sessions=3,
+    )  # fmt: skip
+    assert item.passed
+    assert item.reason is None
+    assert item.summary == (
+        "isolation thread: 128.0 MiB per session; memory came back: +5 MiB after 3 sessions ended "
+        "(tolerance 64 MiB)"
+    )
+    assert item.figures["recommended_leak_threshold_mb"] is None
+
+
+def test_isolation_item_in_thread_mode_recommends_process_isolation_with_a_threshold() -> None:
+    item = isolation_item(
+        "thread", per_session=97 * MIB, workers_per_session=None, leftover=288 * MIB, tolerance=64 * MIB,
+        sessions=3,
+    )  # fmt: skip
+    assert not item.passed
+    assert "memory did not come back: +288 MiB after 3 sessions ended (tolerance 64 MiB)" in item.summary
+    assert item.reason is not None
+    assert "run with --isolation process --leak-threshold-mb 400 so that" in item.reason
+    assert "4 times the 96 MiB left per session" in item.reason
+    assert item.figures["recommended_leak_threshold_mb"] == 400
+    assert item.figures["recommended_recycle_after_sessions"] is None
+
+    result = _result()
+    result.items.append(item)
+    line = terminal_lines(result)[len(result.items) - 1]
+    assert line.startswith("FAIL  isolation  isolation thread: 97.0 MiB per session; memory did not come")
+    assert line.endswith(item.reason)
+
+
+def test_isolation_item_in_process_mode_recommends_the_threshold_alone() -> None:
+    item = isolation_item(
+        "process", per_session=100 * MIB, workers_per_session=96 * MIB, leftover=288 * MIB,
+        tolerance=64 * MIB, sessions=3,
+    )  # fmt: skip
+    assert not item.passed
+    assert item.summary.startswith(
+        "isolation process: workers 96.0 MiB per session (container and workers 100.0 MiB); memory did not"
+    )
+    assert item.reason is not None
+    assert "run with --leak-threshold-mb 400 (or --recycle-after-sessions 4)" in item.reason
+    assert "--isolation" not in item.reason
+    assert item.figures["recommended_recycle_after_sessions"] == 4

@@ -38,10 +38,17 @@ class _MemoryInfo:
 
 
 @dataclass
+class _Process:
+    pid: int
+    usedGpuMemory: int | None  # pynvml's name
+
+
+@dataclass
 class _Device:
     name: bytes | str
     used: int
     total: int
+    processes: list[_Process] = field(default_factory=list)
 
 
 @dataclass
@@ -81,6 +88,11 @@ class FakeNvml:
 
     def nvmlDeviceGetName(self, handle: int) -> bytes | str:
         return self.devices[handle].name
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[_Process]:
+        if self.fail_reads:
+            raise FakeNvmlError("GPU is lost")
+        return self.devices[handle].processes
 
 
 def one_gpu(used: int = 1 * GIB, total: int = 80 * GIB) -> FakeNvml:
@@ -412,3 +424,18 @@ def test_read_failure_does_not_refuse() -> None:
 def test_negative_sizes_are_rejected(per_session: int | None, headroom: int) -> None:
     with pytest.raises(ValueError, match="must be >= 0"):
         MemoryBudget(GpuMonitor(one_gpu()), per_session_bytes=per_session, headroom_bytes=headroom)
+
+
+def test_process_memory_is_summed_over_devices_for_that_pid_only() -> None:
+    nvml = FakeNvml(
+        devices=[
+            _Device("a", used=0, total=GIB, processes=[_Process(7, 300 * MIB), _Process(8, 5 * MIB)]),
+            _Device("b", used=0, total=GIB, processes=[_Process(7, 200 * MIB), _Process(7, None)]),
+        ]
+    )
+    monitor = GpuMonitor(nvml)
+    assert monitor.process_bytes(7) == 500 * MIB  # an unknown amount (None) adds nothing
+    assert monitor.process_bytes(9) == 0
+    nvml.fail_reads = True
+    assert monitor.process_bytes(7) == 0
+    assert GpuMonitor(FakeNvml(fail_init=True)).process_bytes(7) == 0

@@ -50,7 +50,19 @@ def test_imports_point_the_right_way(package: str, forbidden: tuple[str, ...]) -
     assert not wrong, "\n".join(wrong)
 
 
-@pytest.mark.parametrize("leaf", ["logs.py", "threads.py", "errors.py", "serve/config.py"])
+def test_isolation_imports_nothing_of_the_runtime_but_its_process_readings() -> None:
+    """A worker process loads the processor contract and nothing of the runtime around it; the pool
+    reads processes' memory as the runtime does (byoc.serve.system, a leaf)."""
+    wrong = [
+        f"{path.relative_to(SRC)} imports {name}"
+        for path in _modules("isolation")
+        for name in sorted(_imports(path))
+        if name.startswith(("byoc.dev", "byoc.session", "byoc.serve")) and name != "byoc.serve.system"
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("leaf", ["logs.py", "threads.py", "errors.py", "serve/config.py", "serve/system.py"])
 def test_leaves_import_no_session_and_no_runtime(leaf: str) -> None:
     allowed = (
         "byoc.errors",

@@ -128,6 +128,12 @@ class Settings:
     )
     preset: str = _setting(_ENCODER.preset, "x264 preset of the output")
     crf: int = _setting(_ENCODER.crf, "x264 constant rate factor of the output")
+    codec: str = _setting(
+        _ENCODER.codec,
+        "video codecs: auto (NVIDIA NVDEC/NVENC where they work, else software), cpu (software) or "
+        "nvidia (NVDEC/NVENC, refused at start-up where they do not work)",
+        choices=("auto", "cpu", "nvidia"),
+    )
     status_interval_s: float = _setting(5.0, "seconds between status events of a session")
     max_session_s: float | None = _setting(None, "end a session after this many seconds")
     max_consecutive_errors: int = _setting(10, "processor failures in a row that end a session")
@@ -135,6 +141,25 @@ class Settings:
         30.0,
         "a processor hook (process, on_params, ...) running longer ends its session as processor_hung "
         "and its thread is abandoned (0: no limit)",
+    )
+    isolation: str = _setting(
+        "thread",
+        "where the processor runs: thread (in this process, fastest; a native crash ends every session) "
+        "or process (in worker processes: a crash ends only that worker's sessions, and the worker is "
+        "started again)",
+        choices=("thread", "process"),
+    )
+    isolation_workers: int | None = _setting(
+        None, "with isolation process: how many worker processes (default: one per GPU, else one)"
+    )
+    leak_threshold_mb: float = _setting(
+        0.0,
+        "memory (resident, or any GPU's) this far above the idle baseline after a session ended "
+        "recycles the processor: a fresh worker with isolation process; otherwise the container "
+        "drains and exits 0 for its supervisor to restart it (0: never)",
+    )
+    recycle_after_sessions: int = _setting(
+        0, "recycle the processor (as leak_threshold_mb does) after this many sessions (0: never)"
     )
     start_timeout_s: float = _setting(
         10.0, "a start whose on_start runs longer is refused (503) and leaves nothing but the thread"
@@ -200,8 +225,13 @@ class Settings:
     )
     input_timeout_s: float = _setting(
         30.0,
-        "live runner: a session that receives no input segment for this many seconds ends, so a client "
-        "that vanished frees its slot (0: never)",
+        "a session that receives no input segment for this many seconds ends (input_timeout), so a "
+        "client that vanished without closing its channel frees the slot (0: never)",
+    )
+    first_frame_timeout_s: float = _setting(
+        30.0,
+        "a session that has decoded no video frame this many seconds after its start ends "
+        "(first_frame_timeout), so input that never decodes frees the slot (0: never)",
     )
     runner_price_usd_per_hour: float = _setting(
         0.0, "live runner: the price a session costs per hour, in USD (0: none sent; on-chain needs one)"
@@ -222,6 +252,10 @@ class Settings:
             problems.append(f"start_timeout_s must be > 0, got {self.start_timeout_s}")
         if self.stop_answer_timeout_s < 0:
             problems.append(f"stop_answer_timeout_s must be >= 0, got {self.stop_answer_timeout_s}")
+        if self.isolation_workers is not None and self.isolation_workers < 1:
+            problems.append(f"isolation_workers must be >= 1, got {self.isolation_workers}")
+        if self.leak_threshold_mb < 0 or self.recycle_after_sessions < 0:
+            problems.append("leak_threshold_mb and recycle_after_sessions must be >= 0")
         if self.max_abandoned_threads < 0:
             problems.append(f"max_abandoned_threads must be >= 0, got {self.max_abandoned_threads}")
         for name in ("max_body_bytes", "max_params_bytes", "max_output_pixels", "api_body_memory_bytes"):
@@ -240,7 +274,8 @@ class Settings:
             self.encoder()
         except ValueError as exc:
             problems.append(str(exc))
-        if self.orchestrator_url and not (self.orch_secret or self.orch_secret_file):
+        static = self.protocol == "live-runner-static"  # names the orchestrator only for its callbacks
+        if self.orchestrator_url and not static and not (self.orch_secret or self.orch_secret_file):
             problems.append("orchestrator_url needs orch_secret or orch_secret_file")
         problems += self._secret_problems()
         try:
@@ -249,6 +284,8 @@ class Settings:
             problems.append(f"allowed_channel_hosts: {exc}")
         if self.input_timeout_s < 0 or self.runner_price_usd_per_hour < 0:
             problems.append("input_timeout_s and runner_price_usd_per_hour must be >= 0")
+        if self.first_frame_timeout_s < 0:
+            problems.append(f"first_frame_timeout_s must be >= 0, got {self.first_frame_timeout_s}")
         if self.protocol == "live-runner" and not self.orchestrator_url:
             problems.append("protocol live-runner needs orchestrator_url")
         named = self.orchestrator_url or self.allowed_channel_hosts
@@ -308,7 +345,7 @@ class Settings:
 
     def encoder(self) -> EncoderSettings:
         """The output's encoding (each session sets its own width and height)."""
-        return EncoderSettings(segment_s=self.segment_s, preset=self.preset, crf=self.crf)
+        return EncoderSettings(segment_s=self.segment_s, preset=self.preset, crf=self.crf, codec=self.codec)
 
     def drain_budget(self) -> DrainBudget:
         return DrainBudget.from_total(self.drain_timeout_s)
@@ -324,6 +361,8 @@ class Settings:
             status_interval_s=self.status_interval_s,
             drain_timeout_s=self.drain_budget().session_s,
             max_duration_s=self.max_session_s,
+            input_timeout_s=self.input_timeout_s or None,
+            first_frame_timeout_s=self.first_frame_timeout_s or None,
             max_consecutive_errors=self.max_consecutive_errors,
             process_timeout_s=self.process_timeout_s or None,
             latency_budget_s=self.latency_budget_ms / 1000.0,

@@ -102,6 +102,26 @@ class GpuMonitor:
                 return []
             return readings
 
+    def process_bytes(self, pid: int) -> int:
+        """Device memory NVML attributes to process ``pid`` (its compute contexts), summed over every
+        device; 0 when unavailable or unknown. Inside a container without the host's PID namespace NVML
+        reports host pids, which match no pid here: then this is 0, and only resident memory is compared."""
+        with self._lock:
+            nvml = self._nvml
+            if not self._initialised or nvml is None:
+                return 0
+            try:
+                total = 0
+                for index in range(int(nvml.nvmlDeviceGetCount())):
+                    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                    for process in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                        if process.pid == pid and isinstance(process.usedGpuMemory, int):
+                            total += process.usedGpuMemory
+            except Exception as exc:
+                self._warn_rate_limited(f"GPU process memory read failed ({type(exc).__name__}: {exc})")
+                return 0
+            return total
+
     def device(self, index: int) -> DeviceMemory | None:
         """One device's memory now, or None when it cannot be read."""
         return next((d for d in self.devices() if d.index == index), None)
@@ -197,6 +217,8 @@ class MemoryBudget:
         self._lock = threading.Lock()
         self._baseline: int | None = None
         self._learned: int | None = None
+        self._wall: int | None = None
+        """The cost a session proved to have by running out of memory (out_of_memory)."""
 
     @property
     def baseline_bytes(self) -> int | None:
@@ -204,8 +226,28 @@ class MemoryBudget:
 
     @property
     def per_session_bytes(self) -> int | None:
-        """The configured cost, else the learned one, else None."""
-        return self._configured if self._configured is not None else self._learned
+        """The configured cost, else the learned one, else None; never below what an out-of-memory error
+        proved."""
+        cost = self._configured if self._configured is not None else self._learned
+        if self._wall is not None and (cost is None or self._wall > cost):
+            return self._wall
+        return cost
+
+    def out_of_memory(self, active_sessions: int) -> int | None:
+        """A session ran out of device memory with ``active_sessions`` running: the device was full, so a
+        session costs at least (total - baseline) / sessions. Admission uses that from now on so that it
+        does not admit into the same wall again; the new cost, or None when nothing changed."""
+        baseline = self._baseline
+        reading = self._monitor.device(self._device)
+        if baseline is None or reading is None or active_sessions <= 0:
+            return None
+        wall = max(0, reading.total_bytes - baseline) // active_sessions
+        with self._lock:
+            before = self.per_session_bytes
+            if self._wall is None or wall > self._wall:
+                self._wall = wall
+            after = self.per_session_bytes
+        return after if after != before else None
 
     def set_baseline(self) -> None:
         """Remember the device's used memory as the base: call with the processor loaded and no session."""

@@ -57,6 +57,7 @@ class SessionManager:
         gate: Callable[[], str | None] = lambda: None,
         start_timeout_s: float = 10.0,
         max_abandoned_threads: int = 2,
+        on_ended: Callable[[], None] = lambda: None,
     ) -> None:
         self.processor = processor
         """Shared by every session; None until it is loaded (starts are refused meanwhile)."""
@@ -67,6 +68,8 @@ class SessionManager:
         self._gate = gate
         self.start_timeout_s = start_timeout_s
         self.max_abandoned_threads = max_abandoned_threads
+        self._on_ended = on_ended
+        """Called on the main loop after each session ended and was cleaned up."""
         self._sessions: dict[str, Session] = {}
         self._tasks: dict[str, asyncio.Task[EndReason]] = {}
         self._retired_in = self._retired_out = self._started = 0
@@ -237,4 +240,5 @@ class SessionManager:
             self._sessions.pop(session.stream_id, None)
             self._tasks.pop(session.stream_id, None)
             trim_memory()  # what the session freed goes back to the system, not just to malloc
+            self._on_ended()
         return reason

@@ -162,6 +162,22 @@ class RuntimeMetrics:
         self._errors = Counter("byoc_errors", "Errors, by type.", ["type"], registry=self.registry)
         for kind in ERROR_TYPES:
             self._errors.labels(kind)
+        self._restarts = Counter(
+            "byoc_worker_restarts",
+            "Processor worker processes that died and were started again, by how they ended "
+            "(signal_11, exit_1, ...).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self._recycles = Counter(
+            "byoc_processor_recycles",
+            "Processors recycled, by why: leak (memory above the idle baseline) or sessions (served "
+            "--recycle-after-sessions).",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in ("leak", "sessions"):
+            self._recycles.labels(reason)
         self.registry.register(_StateCollector(source, version, processor))
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, process_cpu_seconds_total
 
@@ -173,6 +189,12 @@ class RuntimeMetrics:
 
     def error(self, kind: str) -> None:
         self._errors.labels(kind if kind in ERROR_TYPES else "other").inc()
+
+    def worker_restarted(self, reason: str) -> None:
+        self._restarts.labels(reason).inc()
+
+    def processor_recycled(self, reason: str) -> None:
+        self._recycles.labels(reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -26,13 +26,14 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aiohttp
 
 from byoc import __version__
-from byoc.errors import ByocError
+from byoc.errors import ByocError, ConfigError
+from byoc.isolation.pool import PoolSettings, WorkerPool
 from byoc.processor import Processor, load_processor
 from byoc.serve.api import build_app
 from byoc.serve.apiserver import ApiServer
@@ -44,8 +45,9 @@ from byoc.serve.health import HealthView, RuntimeState
 from byoc.serve.manager import SessionManager
 from byoc.serve.metrics import FrameTotals, RuntimeMetrics
 from byoc.serve.protocols import Offer, ProtocolAdapter, create_adapter
-from byoc.serve.system import memory_limit
+from byoc.serve.system import memory_limit, resident_bytes
 from byoc.serve.validation import ChannelPolicy, channel_policy
+from byoc.tensors import release_cached_memory
 from byoc.threads import run_in_thread
 from byoc.trickle.client import create_client_session
 
@@ -91,6 +93,13 @@ class Runtime:
         self._ready = asyncio.Event()
         self._api: ApiServer | None = None
         self._heartbeat = time.monotonic()
+        self._pool: WorkerPool | None = None
+        """The worker processes that run the processor with ``isolation`` process."""
+        self._idle_rss = self._idle_device = 0
+        """This process's resident and GPU memory once the processor was set up (thread isolation)."""
+        self._recycling = False
+        if settings.isolation == "process" and processor is not None:
+            raise ConfigError("isolation process loads the processor by reference in its workers")
 
     # --- state (read by /health, /metrics and admission; never waits) ---------------------------
 
@@ -145,7 +154,7 @@ class Runtime:
     def offer(self) -> Offer:
         running = self.sessions_active()
         refusal = self._problem() or self._admission_gate()
-        capacity = self.settings.max_sessions if refusal is None else running
+        capacity = self._sessions_allowed() if refusal is None else running
         return Offer(self.runtime_state(), running, capacity, refusal)
 
     def advertised_url(self) -> str:
@@ -163,6 +172,13 @@ class Runtime:
     def frame_totals(self) -> FrameTotals:
         return self._manager.totals() if self._manager is not None else FrameTotals()
 
+    def _sessions_allowed(self) -> int:
+        """``max_sessions``, or its share for the worker processes that are ready while one restarts."""
+        if self._pool is None:
+            return self.settings.max_sessions
+        ready, wanted = self._pool.ready_workers()
+        return self.settings.max_sessions * ready // wanted
+
     def _admission_gate(self) -> str | None:
         if self._error is not None:
             return f"the runtime is broken: {self._error}"
@@ -170,6 +186,11 @@ class Runtime:
             return "the processor is still loading"
         if self._draining:
             return "shutting down"
+        if self._recycling:
+            return "recycling the processor: this container drains and exits for a fresh one"
+        if self._pool is not None and self.sessions_active() >= (allowed := self._sessions_allowed()):
+            ready, wanted = self._pool.ready_workers()
+            return f"{ready} of {wanted} processor workers ready (one is starting): {allowed} sessions"
         return self.budget.refusal()
 
     # --- control --------------------------------------------------------------------------------
@@ -196,11 +217,12 @@ class Runtime:
                 self._processor,
                 http,
                 self.settings.session(),
-                self.metrics,
+                _Observer(self.metrics, self._out_of_memory),
                 max_sessions=self.settings.max_sessions,
                 gate=self._admission_gate,
                 start_timeout_s=self.settings.start_timeout_s,
                 max_abandoned_threads=self.settings.max_abandoned_threads,
+                on_ended=self._session_ended,
             )
             control = RuntimeControl(
                 self._manager,
@@ -298,6 +320,12 @@ class Runtime:
         reference, options = self.settings.processor, self.settings.processor_options
         started = time.monotonic()
         log.info("loading processor %s", reference)
+        if self.settings.isolation == "process":
+            await self._start_workers()
+            self._loading = False
+            self._ready.set()
+            log.info("processor %s ready in %.2fs (process isolation)", reference, time.monotonic() - started)
+            return
         if self._processor is None:
             loaded: list[Processor] = []
             self._loading_step = "import"
@@ -308,10 +336,79 @@ class Runtime:
         log.info("processor %s: setup() running", reference)
         await run_in_thread(processor.setup, "processor-setup")
         self.budget.set_baseline()
+        self._idle_rss, self._idle_device = resident_bytes(), self.gpu.process_bytes(os.getpid())
         self.manager.processor = processor
         self._loading = False
         self._ready.set()
         log.info("processor %s ready in %.2fs", reference, time.monotonic() - started)
+
+    async def _start_workers(self) -> None:
+        """``isolation`` process: the processor loads and runs in worker processes (byoc.isolation)."""
+        s = self.settings
+        workers = s.isolation_workers or max(1, len(self.gpu.devices()))
+        pool = WorkerPool(
+            PoolSettings(
+                s.processor,
+                s.processor_options,
+                workers=workers,
+                log_level=s.log_level,
+                nice=s.thread_nice,
+                leak_threshold_bytes=int(s.leak_threshold_mb * _MB),
+                recycle_after_sessions=s.recycle_after_sessions,
+            ),
+            on_restart=self.metrics.worker_restarted,
+            on_recycle=lambda reason, drift: self.metrics.processor_recycled(reason),
+            device_bytes=self.gpu.process_bytes,
+        )
+        self._loading_step = "setup"
+        log.info("processor %s: starting %d worker processes", s.processor, workers)
+        await run_in_thread(pool.start, "processor-workers")
+        self._pool = pool
+        self.budget.set_baseline()
+        self.manager.processor = pool.processor()
+
+    def _out_of_memory(self) -> None:
+        """A session's processor ran out of memory (any thread): the allocator's cache goes back to the
+        device, and admission takes a session to cost what filled it (byoc.serve.gpu.MemoryBudget)."""
+        release_cached_memory()
+        cost = self.budget.out_of_memory(self.sessions_active())
+        if cost is not None:
+            log.warning(
+                "out of memory with %d sessions: a session now counts as %d MiB in admission",
+                self.sessions_active(),
+                cost // _MB,
+            )
+
+    def _session_ended(self) -> None:
+        """After a session: in thread isolation, a processor that leaked past ``leak_threshold_mb``
+        (seen while idle) or served ``recycle_after_sessions`` is recycled. The container takes no new
+        session, and once the running ones have ended it drains and exits 0, for its supervisor to start a
+        fresh one. Worker processes recycle themselves (byoc.isolation)."""
+        if self._pool is not None or self._draining or self._manager is None:
+            return
+        if not self._recycling:
+            s, started = self.settings, self._manager.totals().sessions_started
+            device = self.gpu.process_bytes(os.getpid()) - self._idle_device
+            drift = max(resident_bytes() - self._idle_rss, device)
+            if s.leak_threshold_mb and not self.sessions_active() and drift > s.leak_threshold_mb * _MB:
+                reason = "leak"
+            elif s.recycle_after_sessions and started >= s.recycle_after_sessions:
+                reason = "sessions"
+            else:
+                return
+            self._recycling = True
+            self.metrics.processor_recycled(reason)
+            log.warning(
+                "recycling the processor (%s): %d MiB above the idle baseline after %d sessions; no new "
+                "sessions, and the container exits 0 once the %d running have ended",
+                reason,
+                drift // _MB,
+                started,
+                self.sessions_active(),
+            )
+        if not self.sessions_active():
+            log.info("recycling: draining and exiting 0 for the supervisor to start a fresh container")
+            self.request_drain()
 
     async def _abandon_load(self, load: asyncio.Future[None]) -> int:
         """Stop while the processor is still loading: nothing is served yet, so nothing is drained.
@@ -375,7 +472,10 @@ class Runtime:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(budget.unregister_s, remaining)):
                     await self._adapter.close()
-        if self._processor is not None:
+        if self._pool is not None:
+            pool, wait_s = self._pool, budget.teardown_wait_s(deadline - time.monotonic())
+            await run_in_thread(lambda: pool.close(wait_s), "processor-workers-teardown")
+        elif self._processor is not None:
             try:
                 async with asyncio.timeout(budget.teardown_wait_s(deadline - time.monotonic())):
                     await run_in_thread(self._processor.teardown, "processor-teardown")
@@ -408,3 +508,22 @@ class Runtime:
         for number in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(number, on_signal, number)
+
+
+class _Observer:
+    """What sessions report (byoc.session.SessionObserver): to the metrics, and an out-of-memory error to
+    the runtime as well."""
+
+    def __init__(self, metrics: RuntimeMetrics, out_of_memory: Callable[[], None]) -> None:
+        self._metrics, self._out_of_memory = metrics, out_of_memory
+
+    def frame_done(self, latency_s: float) -> None:
+        self._metrics.frame_done(latency_s)
+
+    def processed(self, seconds: float) -> None:
+        self._metrics.processed(seconds)
+
+    def error(self, kind: str) -> None:
+        self._metrics.error(kind)
+        if kind == "oom":
+            self._out_of_memory()

@@ -28,7 +28,7 @@ from typing import Any
 import av
 import numpy as np
 
-from byoc.errors import ProcessorError
+from byoc.errors import ProcessorError, ProcessorLost, error_kind
 from byoc.media.items import TIME_BASE, AudioItem, Item, ParamsItem, VideoItem
 from byoc.media.queues import Closed, StageQueue
 from byoc.media.stage import Stage
@@ -198,6 +198,9 @@ class ProcessingWorker(Stage):
     async def _start(self) -> None:
         try:
             await self._call("on_start", lambda: self._processor.on_start(self._context))
+        except ProcessorLost:
+            self._on_error("process")
+            raise
         except Exception as exc:
             self._on_error("process")
             raise ProcessorError(f"on_start failed: {type(exc).__name__}: {exc}") from exc
@@ -217,6 +220,9 @@ class ProcessingWorker(Stage):
                 frame_in = Frame(item.frame, item.index)
                 result = await self._call("process", lambda: processor.process(frame_in, context))
                 frame = to_video_frame(result, item.frame)
+            except ProcessorLost:
+                self._dropped += 1
+                raise
             except Exception as exc:
                 self._dropped += 1  # the frame is lost with the failure: counted like a frame it dropped
                 self._failed(exc)
@@ -253,6 +259,8 @@ class ProcessingWorker(Stage):
             self._output.put(item, droppable=isinstance(item, VideoItem))
 
     def _failed(self, exc: Exception) -> None:
+        if isinstance(exc, ProcessorLost):
+            raise exc  # the worker process is gone: nothing more can be processed
         self._errors += 1
         self._consecutive += 1
         self._last_error = _describe(exc)
@@ -263,17 +271,6 @@ class ProcessingWorker(Stage):
             raise ProcessorError(
                 f"{self._consecutive} processor failures in a row, last: {self._last_error}"
             ) from exc
-
-
-def error_kind(exc: BaseException) -> str:
-    """``oom`` for GPU (or host) out-of-memory failures, ``process`` for anything else a processor raised."""
-    if (
-        isinstance(exc, MemoryError)
-        or type(exc).__name__ == "OutOfMemoryError"
-        or "out of memory" in str(exc)
-    ):
-        return "oom"
-    return "process"
 
 
 def _describe(exc: BaseException) -> str:

@@ -8,7 +8,10 @@ spread or burst; see :mod:`byoc.dev.bench.inputs`), and measures in the containe
 * the frames every session put out per second over the measured window (from ``/stream/status``)
   and the frames it dropped;
 * the video frames and the audio (Opus packets, seconds) all sessions put out while measured;
-* CPU milliseconds per output frame and resident memory of the container process (from /proc);
+* CPU milliseconds per output frame and resident memory of the container, its worker processes
+  included (``--isolation process``; from /proc);
+* the frames' latency inside the container (decoded to encoded), the median of the sessions' p50 and
+  the largest p99;
 * ``/health`` latency, polled at 20 Hz from a separate process (``byoc.dev.bench.probe``).
 
 A step is real-time when every session delivers at least 95 % of the input frame rate and drops at
@@ -37,9 +40,9 @@ from byoc.dev.bench.inputs import (
 )
 from byoc.dev.children import ByocProcess
 from byoc.dev.corpus import FfmpegNotFound
+from byoc.dev.procs import tree_cpu, tree_rss
 from byoc.dev.synthetic import publish_live
 from byoc.dev.trickle_server import RunningTrickle, serve_trickle
-from byoc.serve.system import cpu_seconds, resident_bytes
 from byoc.session.stats import percentile
 from byoc.trickle.client import TrickleClientSettings, create_client_session
 from byoc.trickle.layout import StreamChannels
@@ -69,6 +72,8 @@ class StepReport:
     cpu_ms_per_frame: float
     cpu_cores: float
     rss_mb: float
+    latency_p50_ms: float
+    latency_p99_ms: float
     health_p50_ms: float
     health_p99_ms: float
     health_failures: int
@@ -83,6 +88,7 @@ class ServeReport:
     seconds: float
     cold_start_s: float
     base_rss_mb: float
+    isolation: str = "thread"
     steps: list[StepReport] = field(default_factory=list)
 
     @property
@@ -91,19 +97,21 @@ class ServeReport:
 
     def lines(self) -> list[str]:
         lines = [
-            f"byoc serve {self.processor}: cold start to ready {self.cold_start_s:.2f} s, "
+            f"byoc serve {self.processor} (isolation {self.isolation}): cold start to ready "
+            f"{self.cold_start_s:.2f} s, "
             f"idle RSS {self.base_rss_mb:.0f} MB; each step {self.seconds:.0f} s a session of {self.input}, "
             f"{self.delivery} delivery; frames and audio out: all sessions over the measured window",
             f"{'N':>3} {'fps min':>8} {'fps mean':>9} {'dropped':>8} {'window':>7} {'frames':>7} "
-            f"{'audio pk':>9} {'audio s':>8} {'CPU ms/fr':>10} {'cores':>6} {'RSS MB':>7} {'health p50':>11} "
-            f"{'p99':>7}  real-time",
+            f"{'audio pk':>9} {'audio s':>8} {'CPU ms/fr':>10} {'cores':>6} {'RSS MB':>7} "
+            f"{'latency p50':>12} {'p99':>7} {'health p50':>11} {'p99':>7}  real-time",
         ]
         for s in self.steps:
             lines.append(
                 f"{s.sessions:>3} {s.fps_min:>8.1f} {s.fps_mean:>9.1f} {s.dropped_fraction:>7.1%} "
                 f"{s.measured_s:>6.1f}s {s.frames_out:>7} {s.audio_packets_out:>9} "
                 f"{s.audio_seconds_out:>8.2f} "
-                f"{s.cpu_ms_per_frame:>10.2f} {s.cpu_cores:>6.2f} {s.rss_mb:>7.0f} {s.health_p50_ms:>9.1f}ms "
+                f"{s.cpu_ms_per_frame:>10.2f} {s.cpu_cores:>6.2f} {s.rss_mb:>7.0f} "
+                f"{s.latency_p50_ms:>10.1f}ms {s.latency_p99_ms:>5.1f}ms {s.health_p50_ms:>9.1f}ms "
                 f"{s.health_p99_ms:>5.1f}ms  {'yes' if s.real_time else 'NO'}"
             )
         lines.append(f"largest real-time step: {self.max_real_time} sessions in one process")
@@ -137,7 +145,7 @@ async def _step(
         )
     )
     await asyncio.sleep(warmup)
-    cpu_before, began = cpu_seconds(container.pid), time.monotonic()
+    cpu_before, began = tree_cpu(container.pid), time.monotonic()
     earlier = await _sessions(http, container)
     probe = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -150,7 +158,7 @@ async def _step(
     )
     rss = 0.0
     while probe.returncode is None:
-        rss = max(rss, resident_bytes(container.pid) / _MB)
+        rss = max(rss, tree_rss(container.pid) / _MB)
         try:
             async with asyncio.timeout(0.5):
                 await probe.wait()
@@ -158,7 +166,7 @@ async def _step(
             pass
     polled = json.loads((await probe.communicate())[0])
     sessions = await _sessions(http, container)
-    cpu, elapsed = cpu_seconds(container.pid) - cpu_before, time.monotonic() - began
+    cpu, elapsed = tree_cpu(container.pid) - cpu_before, time.monotonic() - began
     frames, audio_packets, audio_seconds = (
         b - a for a, b in zip(_totals(earlier), _totals(sessions), strict=True)
     )
@@ -172,6 +180,8 @@ async def _step(
     dropped = sum(sum(s["dropped"].values()) for s in sessions)
     decoded = max(1, sum(s["input"]["frames"] for s in sessions))
     latencies = sorted(polled["latencies_ms"])
+    p50s = sorted(v for s in sessions if (v := s["frame_latency_ms"].get("p50")) is not None)
+    p99s = [v for s in sessions if (v := s["frame_latency_ms"].get("p99")) is not None]
     return StepReport(
         sessions=n,
         fps_min=min(fps),
@@ -185,6 +195,8 @@ async def _step(
         cpu_ms_per_frame=cpu * 1000 / max(frames, 1),
         cpu_cores=cpu / elapsed,
         rss_mb=rss,
+        latency_p50_ms=percentile(p50s, 0.5) or 0.0,
+        latency_p99_ms=max(p99s, default=0.0),
         health_p50_ms=percentile(latencies, 0.5) or 0.0,
         health_p99_ms=percentile(latencies, 0.99) or 0.0,
         health_failures=sum(1 for status in polled["statuses"] if status != 200),
@@ -241,14 +253,16 @@ async def run_serve_bench(
     stop_when_late: bool = True,
     input_name: str = DEFAULT_INPUT,
     delivery: str = DEFAULT_DELIVERY,
+    isolation: str = "thread",
 ) -> ServeReport:
     if delivery not in DELIVERY_CHOICES:
         raise ValueError(f"delivery must be one of {', '.join(DELIVERY_CHOICES)}, got {delivery!r}")
     source = await asyncio.to_thread(bench_input, input_name, seconds)
     async with serve_trickle() as trickle, create_client_session(TrickleClientSettings()) as http:
         container = ByocProcess(
-            "serve", processor, "--host", "127.0.0.1", "--port", "0", "--max-sessions", str(max(steps))
-        )
+            "serve", processor, "--host", "127.0.0.1", "--port", "0", "--max-sessions", str(max(steps)),
+            "--isolation", isolation,
+        )  # fmt: skip
         try:
             began = time.monotonic()
             await container.start()
@@ -260,7 +274,8 @@ async def run_serve_bench(
                 delivery,
                 seconds,
                 cold_start,
-                resident_bytes(container.pid) / _MB,
+                tree_rss(container.pid) / _MB,
+                isolation,
             )
             for n in steps:
                 step = await _step(n, container, trickle, http, source, delivery, seconds)
@@ -278,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", default="1,2,4,6,8,10,12,14", help="the steps, e.g. 1,2,4,8")
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds of input per step")
     parser.add_argument("--processor", default="passthrough")
+    parser.add_argument(
+        "--isolation", choices=("thread", "process"), default="thread", help="byoc serve's --isolation"
+    )
     add_arguments(parser)
     parser.add_argument("--all-steps", action="store_true", help="go on after a step that is not real-time")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -292,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                 stop_when_late=not args.all_steps,
                 input_name=args.input,
                 delivery=args.delivery,
+                isolation=args.isolation,
             )
         )
     except FfmpegNotFound as exc:

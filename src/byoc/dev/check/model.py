@@ -25,9 +25,12 @@ class MemorySample:
     """Seconds since the check started."""
     sessions: int
     rss: int
+    """The container's resident memory, its worker processes (``--isolation process``) included."""
     gpu_used: dict[int, int] = field(default_factory=dict)
     gpu_total: dict[int, int] = field(default_factory=dict)
     torch_peak: dict[int, int] = field(default_factory=dict)
+    workers: int = 0
+    """Of ``rss``, the resident memory of the processes the container started (0 when none can be seen)."""
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,10 @@ By default it starts ``byoc serve PROCESSOR`` and a local orchestrator as subpro
 3. polls ``/health`` at 20 Hz the whole time;
 4. at peak load sends SIGTERM and checks that every session ended cleanly, inside the limit;
 5. scrapes ``/metrics`` under load; 6. sends malformed requests that must get 4xx while the sessions
-   go on untouched.
+   go on untouched;
+7. reports the isolation mode (``--isolation``, passed to ``byoc serve``) with memory per session (the
+   worker processes' own with ``process``; their memory always counts in the container's) and, when
+   memory did not come back, the ``byoc serve`` flags that would contain the leak.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from typing import Any, TextIO
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from byoc.dev.check.analysis import histogram_quantile, leak_tolerance, memory_fit
+from byoc.dev.check.analysis import fit_line, histogram_quantile, leak_tolerance, memory_fit
+from byoc.dev.check.isolation import isolation_item
 from byoc.dev.check.model import (
     CheckResult,
     HealthSample,
@@ -38,6 +42,7 @@ from byoc.dev.check.model import (
     StepResult,
 )
 from byoc.dev.children import ByocProcess, free_port
+from byoc.dev.procs import descendants
 from byoc.serve.gpu import GpuMonitor
 from byoc.serve.system import resident_bytes
 from byoc.session.stats import percentile
@@ -70,6 +75,8 @@ class CheckOptions:
     serve_args: tuple[str, ...] = ()
     protocol: str = "byoc"
     """How the started container joins the local orchestrator: byoc or live-runner."""
+    isolation: str = "thread"
+    """``byoc serve --isolation`` of the started container: thread or process."""
     out: TextIO = field(default=sys.stdout)
 
 
@@ -165,7 +172,7 @@ class _Check:
         if not self.o.container_url:
             port = free_port()
             args = ["serve", self.o.processor, "--host", "127.0.0.1", "--port", str(port)]
-            args += ["--max-sessions", str(cap), *self.o.serve_args]
+            args += ["--max-sessions", str(cap), "--isolation", self.o.isolation, *self.o.serve_args]
             for option in self.o.processor_options:
                 args += ["--processor-option", option]
             self.container = ByocProcess(*args)
@@ -194,7 +201,8 @@ class _Check:
         self.say(f"local orchestrator on {self.orchestrator.url}")
         port = free_port()
         args = ["serve", self.o.processor, "--host", "127.0.0.1", "--port", str(port)]
-        args += ["--max-sessions", str(cap), "--protocol", "live-runner", "--capability-name", _MODEL]
+        args += ["--max-sessions", str(cap), "--isolation", self.o.isolation]
+        args += ["--protocol", "live-runner", "--capability-name", _MODEL]
         args += ["--capability-url", f"http://127.0.0.1:{port}", "--orchestrator-url", self.orchestrator.url]
         args += [
             *self.o.serve_args,
@@ -221,13 +229,17 @@ class _Check:
         while True:
             with contextlib.suppress(aiohttp.ClientError, ValueError):
                 scrape = await self.scrape()
-                rss = resident_bytes(self.container.pid) if self.container else 0
-                rss = rss or int(scrape.value("process_resident_memory_bytes") or 0)
+                rss = workers = 0
+                if self.container:  # with --isolation process, the worker processes count too
+                    rss = resident_bytes(self.container.pid)
+                    workers = sum(resident_bytes(pid) for pid in descendants(self.container.pid))
+                rss = (rss or int(scrape.value("process_resident_memory_bytes") or 0)) + workers
                 self.result.memory.append(
                     MemorySample(
                         t=self.now(),
                         sessions=len(self.streams),
                         rss=rss,
+                        workers=workers,
                         gpu_used=scrape.by_device("byoc_gpu_memory_bytes", kind="used"),
                         gpu_total=scrape.by_device("byoc_gpu_memory_bytes", kind="total"),
                         torch_peak=scrape.by_device("byoc_torch_memory_bytes", kind="peak"),
@@ -594,6 +606,29 @@ def _memory_item(check: _Check, leak: dict[str, Any]) -> ItemResult:
     return _item("memory", problems, summary, figures)
 
 
+def _isolation_item(check: _Check, memory: ItemResult, sessions: int) -> ItemResult:
+    """The isolation mode, memory per session (the workers' alone with ``--isolation process``) and the
+    leak check's figures, with the flags that contain a leak (:mod:`byoc.dev.check.isolation`)."""
+    result = check.result
+    rss = next((fit for fit in result.fits if fit.resource == "rss"), None)
+    workers: int | None = None
+    if check.o.isolation == "process" and check.container is not None:
+        idle = [m.workers for m in result.memory if check.idle_since <= m.t <= check.idle_until]
+        points = [(0.0, float(percentile(sorted(idle), 0.5) or 0))]
+        for step in result.steps:
+            window = [m.workers for m in result.memory if step.started_at <= m.t <= step.ended_at]
+            points.append((float(step.sessions), float(max(window, default=0))))
+        workers = round(fit_line(points)[1])
+    return isolation_item(
+        check.o.isolation,
+        per_session=rss.per_session if rss else 0,
+        workers_per_session=workers,
+        leftover=int(memory.figures["leftover_after_sessions"]),
+        tolerance=int(memory.figures["leak_tolerance"]),
+        sessions=sessions,
+    )
+
+
 def _throughput_item(check: _Check) -> ItemResult:
     steps = check.result.steps
     first_late = next((s.sessions for s in steps if not s.real_time), None)
@@ -667,13 +702,14 @@ async def run_check(options: CheckOptions) -> CheckResult:
                 check.say(f"ending all {peak} sessions to see memory come back")
                 leak = await check.check_leak()
                 memory, throughput = _memory_item(check, leak), _throughput_item(check)
+                isolation = _isolation_item(check, memory, peak)
                 shutdown = await check.check_shutdown(peak)
                 health = _health_item(check)
             finally:
                 for task in samplers:
                     task.cancel()
             result = check.result
-            result.items = [memory, throughput, health, shutdown, *items]
+            result.items = [memory, throughput, health, shutdown, *items, isolation]
             limits = [v for v in (check.by_memory, check.by_throughput) if v is not None]
             result.recommended_max_sessions = min(limits) if limits else None
             return result
@@ -723,6 +759,13 @@ def main(argv: list[str] | None = None) -> int:
         default="byoc",
         help="how the started container joins the local orchestrator (default byoc)",
     )
+    parser.add_argument(
+        "--isolation",
+        choices=("thread", "process"),
+        default="thread",
+        help="byoc serve --isolation of the started container, whose worker processes' memory counts too "
+        "(with --container-url: what that container runs with; default thread)",
+    )
     parser.add_argument("--json", type=Path, help="write every number to this file")
     parser.add_argument("--report", type=Path, help="write an HTML report with plots to this directory")
     args = parser.parse_args(argv)
@@ -738,6 +781,7 @@ def main(argv: list[str] | None = None) -> int:
         drain_limit_s=args.drain_limit_s,
         serve_args=tuple(args.serve_arg),
         protocol=args.protocol,
+        isolation=args.isolation,
     )
     result = asyncio.run(run_check(options))
     print("\n".join(terminal_lines(result)))
