@@ -7,6 +7,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from byoc.processor import Frame, Processor, SessionContext
 
 
@@ -176,4 +178,24 @@ class Talking(Processor):
     def process(self, frame: Frame, session: SessionContext) -> Frame:
         session.send_data({"frame": frame.index, "stream": session.stream_id})
         session.send_event({"type": "seen", "frame": frame.index})
+        return frame
+
+
+class Doubling(Processor):
+    """Returns a picture twice the frame's width and height (an upscaler)."""
+
+    def process(self, frame: Frame, session: SessionContext) -> np.ndarray:
+        return np.repeat(np.repeat(frame.rgb, 2, axis=0), 2, axis=1)
+
+
+class SlowSetup(Processor):
+    """A ``setup()`` that takes ``setup_s`` seconds (a model load), then passes frames through."""
+
+    def __init__(self, setup_s: str = "2") -> None:
+        self.setup_s = float(setup_s)
+
+    def setup(self) -> None:
+        threading.Event().wait(self.setup_s)
+
+    def process(self, frame: Frame, session: SessionContext) -> Frame:
         return frame

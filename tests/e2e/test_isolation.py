@@ -14,7 +14,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from byoc.dev.procs import descendants
 from byoc.dev.trickle_server import RunningTrickle
+from byoc.serve.system import resident_bytes
 from tests.e2e.serve import ServeProcess
 from tests.e2e.test_serve import metrics, start
 from tests.support import StreamHarness, make_segments
@@ -125,19 +127,21 @@ async def test_a_worker_that_segfaults_ends_only_its_own_sessions_and_is_replace
     assert "Fatal Python error: Segmentation fault" in serve.log  # the worker's stack, in the log
 
 
+def workers(pid: int) -> list[int]:
+    """The worker processes of the container ``pid`` (named byoc-worker-N)."""
+    return [child for child in descendants(pid) if comm(child).startswith("byoc-worker-")]
+
+
+def comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def children_rss(pid: int) -> int:
     """Resident bytes of the processes ``pid`` started (its worker processes), from /proc."""
-    total = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid:  # the parent's pid
-                total += int((entry / "statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, IndexError, ValueError):
-            continue  # it ended meanwhile
-    return total
+    return sum(resident_bytes(child) for child in descendants(pid))
 
 
 MIB = 1024 * 1024
@@ -213,3 +217,26 @@ async def test_in_thread_isolation_a_leak_drains_the_container_for_its_superviso
         assert await serve.wait_exit() == 0, serve.log[-3000:]
     assert len(finals) >= 2  # one session's leak stays under the threshold
     assert all(final["reason"] == "stopped" for final in finals), finals  # none was cut short
+
+
+async def test_while_a_worker_restarts_the_capacity_offered_is_the_ready_workers_share(
+    http: aiohttp.ClientSession,
+) -> None:
+    args = ["--isolation", "process", "--isolation-workers", "2", "--max-sessions", "4"]
+    args += ["--processor-option", "setup_s=2"]  # each worker takes 2 s to load: the restart is seen
+    async with ServeProcess("tests.processors:SlowSetup", *args) as serve:
+        await serve.wait_ready(http, timeout=60)
+        seen: list[tuple[int, int]] = []
+
+        async def capacity_is(value: int) -> bool:
+            async with http.get(f"{serve.url}/health") as response:
+                seen.append((response.status, (await response.json())["capacity"]))
+            return seen[-1][1] == value
+
+        assert await capacity_is(4)
+        os.kill(workers(serve.pid)[0], signal.SIGKILL)
+        await until(lambda: capacity_is(2))
+        samples = (await metrics(http, serve))["byoc_sessions_capacity"]
+        assert [s.value for s in samples] == [2.0]
+        await until(lambda: capacity_is(4))
+        assert {status for status, _ in seen} == {200}

@@ -170,3 +170,15 @@ def test_the_session_of_a_worker_that_died_learns_how_and_a_fresh_worker_serves_
         remote.on_start(fresh)
         assert remote.process(frame(64, 48), fresh) is not None
         remote.on_stop(fresh)
+
+
+def test_a_picture_larger_than_the_frame_comes_back_whole() -> None:
+    with pool_of("tests.processors:Doubling") as pool:
+        remote = pool.processor()
+        session = context("big")
+        remote.on_start(session)
+        source = frame(64, 48)
+        result = pixels(remote.process(source, session))
+        assert result.shape == (96, 128, 3)
+        assert np.array_equal(result[::2, ::2], source.rgb)
+        remote.on_stop(session)

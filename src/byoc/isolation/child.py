@@ -10,6 +10,7 @@ runtime says ``teardown``, or when its control pipe closes because the runtime i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import faulthandler
 import inspect
 import logging
@@ -20,6 +21,7 @@ import traceback
 from collections.abc import Mapping
 from fractions import Fraction
 from multiprocessing.connection import Connection, Listener
+from pathlib import Path
 from typing import Any
 
 import av
@@ -48,6 +50,8 @@ def main(spec: WorkerSpec, control: Connection) -> None:
     if nice:
         os.nice(nice)
     current_stream_id.set(f"worker-{number}")
+    with contextlib.suppress(OSError):  # named in ps and top (Linux): byoc-worker-N
+        Path("/proc/self/comm").write_text(f"byoc-worker-{number}")
     teardown = threading.Event()
     threading.Thread(target=_listen, args=(control, teardown, number), name="control", daemon=True).start()
     try:

@@ -29,7 +29,7 @@ from byoc.isolation import child
 from byoc.isolation.remote import RemoteAudioProcessor, RemoteProcessor
 from byoc.serve.system import resident_bytes
 
-__all__ = ["PoolSettings", "Worker", "WorkerPool", "exit_cause"]
+__all__ = ["PoolSettings", "Worker", "WorkerPool", "exit_cause", "recycle_reason"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,17 @@ class Worker:
 
     def rss(self) -> int:
         return resident_bytes(self.process.pid)
+
+
+def recycle_reason(drift: int, idle: bool, served: int, threshold: int, after_sessions: int) -> str:
+    """Why a processor should be recycled (both isolations): ``leak`` when, idle, its memory is more than
+    ``threshold`` bytes above its idle baseline; ``sessions`` once it has served ``after_sessions``;
+    "" when neither (a 0 limit is off)."""
+    if threshold and idle and drift > threshold:
+        return "leak"
+    if after_sessions and served >= after_sessions:
+        return "sessions"
+    return ""
 
 
 def exit_cause(exitcode: int | None) -> str:
@@ -286,15 +297,11 @@ class WorkerPool:
     def _recycle_reason(self, worker: Worker) -> tuple[str, int]:
         """(reason, drift) when ``worker`` should be recycled, ("", drift) when not. Lock held."""
         s = self.settings
-        drift = 0
-        if s.leak_threshold_bytes and worker.sessions == 0:
-            device = self._device_bytes(worker.process.pid) - worker.baseline_device
-            drift = max(worker.rss() - worker.baseline_rss, device)
-            if drift > s.leak_threshold_bytes:
-                return "leak", drift
-        if s.recycle_after_sessions and worker.served >= s.recycle_after_sessions:
-            return "sessions", drift
-        return "", drift
+        device = self._device_bytes(worker.process.pid) - worker.baseline_device
+        drift = max(worker.rss() - worker.baseline_rss, device)
+        idle = worker.sessions == 0
+        reason = recycle_reason(drift, idle, worker.served, s.leak_threshold_bytes, s.recycle_after_sessions)
+        return reason, drift
 
     def _recycle(self, worker: Worker, reason: str, drift: int) -> None:
         """Start a successor; once it is ready, ``worker`` takes no new sessions and exits when idle.

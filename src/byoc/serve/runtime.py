@@ -33,7 +33,7 @@ import aiohttp
 
 from byoc import __version__
 from byoc.errors import ByocError, ConfigError
-from byoc.isolation.pool import PoolSettings, WorkerPool
+from byoc.isolation.pool import PoolSettings, WorkerPool, recycle_reason
 from byoc.processor import Processor, load_processor
 from byoc.serve.api import build_app
 from byoc.serve.apiserver import ApiServer
@@ -135,7 +135,7 @@ class Runtime:
         return HealthView(
             self.runtime_state(),
             self.sessions_active(),
-            self.settings.max_sessions,
+            self._sessions_allowed(),
             time.monotonic() - self._started,
             self._problem(),
             registration,
@@ -146,7 +146,7 @@ class Runtime:
         return len(self._manager) if self._manager is not None else 0
 
     def capacity(self) -> int:
-        return self.settings.max_sessions
+        return self._sessions_allowed()
 
     def state(self) -> str:
         return str(self.runtime_state())
@@ -390,11 +390,9 @@ class Runtime:
             s, started = self.settings, self._manager.totals().sessions_started
             device = self.gpu.process_bytes(os.getpid()) - self._idle_device
             drift = max(resident_bytes() - self._idle_rss, device)
-            if s.leak_threshold_mb and not self.sessions_active() and drift > s.leak_threshold_mb * _MB:
-                reason = "leak"
-            elif s.recycle_after_sessions and started >= s.recycle_after_sessions:
-                reason = "sessions"
-            else:
+            idle, threshold = not self.sessions_active(), int(s.leak_threshold_mb * _MB)
+            reason = recycle_reason(drift, idle, started, threshold, s.recycle_after_sessions)
+            if not reason:
                 return
             self._recycling = True
             self.metrics.processor_recycled(reason)
