@@ -16,15 +16,18 @@ from byoc.builtin.passthrough import PassthroughProcessor
 from byoc.dev.trickle_server import RunningTrickle
 from byoc.processor import Processor
 from byoc.serve.config import Settings
+from byoc.serve.gpu import GpuMonitor
 from byoc.serve.runtime import Runtime
 from tests.conftest import assert_every_frame_accounted
 from tests.support import StreamHarness, decode, make_segments
 
 
 @contextlib.asynccontextmanager
-async def running(processor: Processor | None = None, **settings: Any) -> AsyncIterator[tuple[Runtime, str]]:
+async def running(
+    processor: Processor | None = None, *, gpu: GpuMonitor | None = None, **settings: Any
+) -> AsyncIterator[tuple[Runtime, str]]:
     settings = {"host": "127.0.0.1", "port": 0, **settings}
-    runtime = Runtime(Settings(**settings), processor=processor or PassthroughProcessor())
+    runtime = Runtime(Settings(**settings), processor=processor or PassthroughProcessor(), gpu=gpu)
     stop = asyncio.Event()
     task = asyncio.create_task(runtime.serve(shutdown=stop.wait()))
     await runtime.wait_listening()

@@ -4,39 +4,23 @@ never the container, and admission learns that a session costs more than it thou
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 
 import aiohttp
 
 from byoc.dev.trickle_server import RunningTrickle
-from byoc.serve.config import Settings
 from byoc.serve.gpu import GpuMonitor
 from byoc.serve.runtime import Runtime
-from tests.integration.test_api import body_for
+from tests.integration.test_api import body_for, running
 from tests.processors import OutOfMemoryOnRequest
 from tests.support import StreamHarness, make_segments
 from tests.unit.test_gpu import GIB, FakeNvml, one_gpu
 
 
-@asynccontextmanager
-async def serving(nvml: FakeNvml) -> AsyncIterator[tuple[Runtime, str]]:
-    settings = Settings(
-        host="127.0.0.1",
-        port=0,
-        max_sessions=4,
-        max_consecutive_errors=1000,
-        gpu_memory_per_session_mb=1024,  # what the author thought a session costs
-    )
-    runtime = Runtime(settings, processor=OutOfMemoryOnRequest(), gpu=GpuMonitor(nvml))
-    stop = asyncio.Event()
-    task = asyncio.create_task(runtime.serve(shutdown=stop.wait()))
-    await runtime.wait_ready()
-    try:
-        yield runtime, f"http://127.0.0.1:{runtime.port}"
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
+def serving(nvml: FakeNvml) -> AbstractAsyncContextManager[tuple[Runtime, str]]:
+    # what the author thought a session costs: 1 GiB; failures never end the session here
+    options = {"max_sessions": 4, "max_consecutive_errors": 1000, "gpu_memory_per_session_mb": 1024}
+    return running(OutOfMemoryOnRequest(), gpu=GpuMonitor(nvml), **options)
 
 
 def cost(runtime: Runtime) -> int | None:
@@ -61,6 +45,7 @@ async def test_out_of_memory_fails_that_sessions_frames_and_admission_learns_the
         StreamHarness(trickle, http, "modest") as modest,
         StreamHarness(trickle, http, "late") as late,
     ):
+        await runtime.wait_ready()
         assert cost(runtime) == 1 * GIB
         assert await start(http, base, hungry, oom=True) == 200
         assert await start(http, base, modest) == 200
