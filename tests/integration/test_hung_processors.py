@@ -37,7 +37,7 @@ async def test_a_hung_process_ends_its_session_frees_its_slot_and_is_counted(
 ) -> None:
     processor: Any = hanging()
     timeout_s = 1.0
-    settings = {"max_sessions": 1, "process_timeout_s": timeout_s, "max_abandoned_threads": 1}
+    settings: dict[str, Any] = {"max_sessions": 1, "process_timeout_s": timeout_s, "max_abandoned_threads": 1}
     try:
         async with running(processor, **settings) as (runtime, url):
             await runtime.wait_ready()
@@ -109,7 +109,11 @@ async def test_a_stop_is_answered_within_its_bound_while_the_session_cannot_drai
     stuck in process() holds the drain up, not the answer."""
     processor = Hanging()
     bound_s = 1.0
-    settings = {"process_timeout_s": 0, "drain_timeout_s": 30.0, "stop_answer_timeout_s": bound_s}
+    settings: dict[str, Any] = {
+        "process_timeout_s": 0,
+        "drain_timeout_s": 30.0,
+        "stop_answer_timeout_s": bound_s,
+    }
     try:
         async with running(processor, **settings) as (runtime, url):
             await runtime.wait_ready()
