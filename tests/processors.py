@@ -7,6 +7,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import av
 import numpy as np
 
 from byoc.processor import Frame, Processor, SessionContext
@@ -199,3 +200,14 @@ class SlowSetup(Processor):
 
     def process(self, frame: Frame, session: SessionContext) -> Frame:
         return frame
+
+
+class Quieter(Processor):
+    """Halves the audio's amplitude (a processor of its own audio)."""
+
+    def process_audio(self, frame: av.AudioFrame, session: SessionContext) -> av.AudioFrame:
+        quieter = av.AudioFrame.from_ndarray(
+            frame.to_ndarray() / 2, format=frame.format.name, layout=frame.layout.name
+        )
+        quieter.sample_rate, quieter.pts = frame.sample_rate, frame.pts
+        return quieter

@@ -16,7 +16,7 @@ import pytest
 
 from byoc.errors import error_kind
 from byoc.isolation import PoolSettings, RemoteProcessor, WorkerPool
-from byoc.processor import Frame, SessionContext, load_processor
+from byoc.processor import Frame, Processor, SessionContext, load_processor
 
 MIB = 1024 * 1024
 
@@ -181,4 +181,21 @@ def test_a_picture_larger_than_the_frame_comes_back_whole() -> None:
         result = pixels(remote.process(source, session))
         assert result.shape == (96, 128, 3)
         assert np.array_equal(result[::2, ::2], source.rgb)
+        remote.on_stop(session)
+
+
+def test_audio_goes_to_the_worker_only_for_a_processor_of_audio() -> None:
+    samples = np.linspace(-0.5, 0.5, 960, dtype=np.float32).reshape(1, -1).repeat(2, axis=0)
+    source = av.AudioFrame.from_ndarray(samples, format="fltp", layout="stereo")
+    source.sample_rate, source.pts = 48000, 960
+    with pool_of("passthrough") as pool:
+        assert type(pool.processor()).process_audio is Processor.process_audio  # audio never crosses
+    with pool_of("tests.processors:Quieter") as pool:
+        remote = pool.processor()
+        session = context("audio")
+        remote.on_start(session)
+        result = remote.process_audio(source, session)
+        assert isinstance(result, av.AudioFrame)
+        assert (result.sample_rate, result.pts, result.layout.name) == (48000, 960, "stereo")
+        assert np.allclose(result.to_ndarray(), samples / 2)
         remote.on_stop(session)

@@ -301,5 +301,7 @@ def audio_to_wire(frame: av.AudioFrame) -> tuple[Any, ...]:
 def audio_from_wire(data: tuple[Any, ...]) -> av.AudioFrame:
     array, format_name, layout, rate, pts, time_base = data
     frame = av.AudioFrame.from_ndarray(array, format=format_name, layout=layout)
-    frame.sample_rate, frame.pts, frame.time_base = rate, pts, time_base
+    frame.sample_rate, frame.pts = rate, pts
+    if time_base is not None:  # a frame without one keeps PyAV's default
+        frame.time_base = time_base
     return frame
