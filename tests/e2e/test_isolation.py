@@ -240,3 +240,30 @@ async def test_while_a_worker_restarts_the_capacity_offered_is_the_ready_workers
         assert [s.value for s in samples] == [2.0]
         await until(lambda: capacity_is(4))
         assert {status for status, _ in seen} == {200}
+
+
+async def test_a_hook_that_hangs_in_a_worker_leaves_no_thread_behind_in_the_container(
+    trickle: RunningTrickle, http: aiohttp.ClientSession
+) -> None:
+    """In thread isolation a hung hook leaves its thread behind, and more than --max-abandoned-threads
+    of them turn the container to ERROR; in a worker the session stops waiting for it instead."""
+    segment = make_segments(1, frames=5)[0]
+    args = ["--isolation", "process", "--process-timeout-s", "1", "--start-timeout-s", "1"]
+    args += ["--max-abandoned-threads", "1"]
+    async with ServeProcess("tests.processors:Hanging", *args) as serve:
+        await serve.wait_ready(http)
+        for run in range(3):  # three hung hooks: in thread isolation the third start would get 503
+            async with StreamHarness(trickle, http, f"hung{run}") as h:
+                assert await start(http, serve, h) == 200
+                await h.publish([segment])
+                await h.readers_done(timeout=30)
+                assert h.events[-1]["event"]["reason"] == "processor_hung"
+
+            async def nothing_left_behind() -> bool:
+                async with http.get(f"{serve.url}/health") as response:
+                    health = await response.json()
+                return response.status == 200 and health["abandoned_threads"] == 0
+
+            await until(nothing_left_behind)
+        serve.signal(signal.SIGTERM)
+        assert await serve.wait_exit() == 0, serve.log[-3000:]

@@ -188,8 +188,11 @@ class _Link:
                     if error_kind(exc) == "oom":
                         release_cached_memory()
                     log.error("processor failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
-                with self._lock:
-                    self._link.send(reply)
+                try:
+                    with self._lock:
+                        self._link.send(reply)
+                except OSError:
+                    return  # the runtime gave this link up (a hook that answered too late)
                 if request[0] == wire.STOP:
                     return
         finally:

@@ -49,6 +49,8 @@ class PoolSettings:
     leak_threshold_bytes: int = 0
     """Resident bytes this far above the worker's idle baseline, seen while it is idle: recycle (0: never)."""
     recycle_after_sessions: int = 0
+    reply_timeout_s: float | None = None
+    """How long a session waits for a hook's answer from its worker (byoc.isolation.remote)."""
 
 
 @dataclass(eq=False)
@@ -139,7 +141,8 @@ class WorkerPool:
 
     def processor(self) -> RemoteProcessor:
         """The processor sessions are given."""
-        return RemoteAudioProcessor(self) if self._custom_audio else RemoteProcessor(self)
+        kind = RemoteAudioProcessor if self._custom_audio else RemoteProcessor
+        return kind(self, self.settings.reply_timeout_s)
 
     def close(self, timeout: float = _TEARDOWN_WAIT_S) -> None:
         """Tear every worker down (the processor's ``teardown()``), killing those that do not exit."""

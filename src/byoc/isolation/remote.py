@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Client, Connection
@@ -70,14 +71,21 @@ class _Session:
     buffer: SharedBuffer | None = None
     fresh_buffer: bool = False
     """The buffer was made since the last frame: the worker must map it."""
+    given_up: str = ""
+    """Why this side stopped waiting for the worker (a hook that did not answer in time)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class RemoteProcessor(Processor):
     """Forwards each hook of a session to the worker process the pool gave it."""
 
-    def __init__(self, workers: Workers) -> None:
+    def __init__(self, workers: Workers, reply_timeout_s: float | None = None) -> None:
+        """``reply_timeout_s``: how long a hook may go unanswered before this side stops waiting for it
+        (None: for ever). The session's own watchdog (``--process-timeout-s``) ends the session before
+        that; giving up the link then lets the session's thread end instead of being left behind, while
+        the hook hangs on in the worker."""
         self._workers = workers
+        self._reply_timeout_s = reply_timeout_s
         self._sessions: dict[int, _Session] = {}
 
     # --- the hooks -----------------------------------------------------------------------------
@@ -145,9 +153,20 @@ class RemoteProcessor(Processor):
     def _ask(self, state: _Session, request: tuple[Any, ...]) -> tuple[Any, ...]:
         """Send one request and wait for its reply, passing on what the processor emitted meanwhile."""
         with state.lock:
+            if state.given_up:
+                raise ProcessorLost(state.given_up)
+            timeout = self._reply_timeout_s
+            deadline = None if timeout is None else time.monotonic() + timeout
             try:
                 state.link.send(request)
                 while True:
+                    if deadline is not None and not state.link.poll(max(0.0, deadline - time.monotonic())):
+                        state.given_up = (
+                            f"the processor's {request[0]} in worker {state.worker.number} did not answer "
+                            f"within {timeout:g}s; this session no longer waits for it"
+                        )
+                        state.link.close()  # a late answer must not be taken for the next request's
+                        raise ProcessorLost(state.given_up)
                     reply: tuple[Any, ...] = state.link.recv()
                     if reply[0] == wire.DATA:
                         state.context.send_data(reply[1])

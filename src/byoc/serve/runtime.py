@@ -61,6 +61,7 @@ _MB = 1024 * 1024
 _BUDGET_SAMPLE_S = 2.0
 _HEARTBEAT_S = 0.5
 _STALL_S = 5.0
+_REPLY_MARGIN_S = 2.0
 
 
 class Runtime:
@@ -355,6 +356,11 @@ class Runtime:
                 nice=s.thread_nice,
                 leak_threshold_bytes=int(s.leak_threshold_mb * _MB),
                 recycle_after_sessions=s.recycle_after_sessions,
+                # past the watchdogs (process_timeout_s, start_timeout_s), the session's thread stops
+                # waiting for a hook that hangs in a worker rather than being left behind
+                reply_timeout_s=max(s.process_timeout_s, s.start_timeout_s) + _REPLY_MARGIN_S
+                if s.process_timeout_s
+                else None,
             ),
             on_restart=self.metrics.worker_restarted,
             on_recycle=lambda reason, drift: self.metrics.processor_recycled(reason),
