@@ -45,6 +45,7 @@ __all__ = [
     "Frame",
     "Processor",
     "SessionContext",
+    "checked_result",
     "is_async_hook",
     "load_processor",
 ]
@@ -169,6 +170,26 @@ class Processor:
     def teardown(self) -> Awaitable[None] | None:
         """The container shuts down."""
         return None
+
+
+def checked_result(result: Any) -> Any:
+    """What ``process`` returned, if it is something it may return: a :class:`Frame`, an
+    ``av.VideoFrame``, an H x W x 3 uint8 RGB array, or None; TypeError saying what came instead."""
+    import av  # the contract's own import stays light
+
+    if result is None or isinstance(result, (Frame, av.VideoFrame)):
+        return result
+    if not isinstance(result, np.ndarray):
+        raise TypeError(
+            f"process() returned {type(result).__name__}; expected a Frame, an av.VideoFrame, "
+            "an H x W x 3 uint8 array or None"
+        )
+    if result.dtype != np.uint8 or result.ndim != 3 or result.shape[2] != 3:
+        raise TypeError(
+            f"process() returned an array of shape {result.shape} and dtype {result.dtype}; "
+            "expected H x W x 3 uint8 RGB"
+        )
+    return result
 
 
 def is_async_hook(hook: Callable[..., Any]) -> bool:

@@ -31,7 +31,7 @@ from byoc.errors import error_kind
 from byoc.isolation import wire
 from byoc.isolation.shared import FrameLayout, SharedBuffer, read_frame
 from byoc.logs import configure_logging, current_stream_id
-from byoc.processor import Frame, Processor, SessionContext, load_processor
+from byoc.processor import Frame, Processor, SessionContext, checked_result, load_processor
 from byoc.tensors import release_cached_memory
 
 __all__ = ["WorkerSpec", "audio_from_wire", "audio_to_wire", "main"]
@@ -272,22 +272,14 @@ class _Link:
 
 
 def _as_rgb(result: Any) -> np.ndarray:
-    """What ``process`` returned, as an H x W x 3 uint8 array (the checks of byoc/session/worker.py)."""
+    """What ``process`` returned (not None), as an H x W x 3 uint8 array."""
+    result = checked_result(result)
     if isinstance(result, Frame):
         return result.rgb
     if isinstance(result, av.VideoFrame):
         return result.to_ndarray(format="rgb24")
-    if isinstance(result, np.ndarray):
-        if result.dtype != np.uint8 or result.ndim != 3 or result.shape[2] != 3:
-            raise TypeError(
-                f"process() returned an array of shape {result.shape} and dtype {result.dtype}; "
-                "expected H x W x 3 uint8 RGB"
-            )
-        return result
-    raise TypeError(
-        f"process() returned {type(result).__name__}; expected a Frame, an av.VideoFrame, "
-        "an H x W x 3 uint8 array or None"
-    )
+    array: np.ndarray = result
+    return array
 
 
 def audio_to_wire(frame: av.AudioFrame) -> tuple[Any, ...]:

@@ -32,7 +32,7 @@ from byoc.errors import ProcessorError, ProcessorLost, error_kind
 from byoc.media.items import TIME_BASE, AudioItem, Item, ParamsItem, VideoItem
 from byoc.media.queues import Closed, StageQueue
 from byoc.media.stage import Stage
-from byoc.processor import Frame, Processor, SessionContext, is_async_hook
+from byoc.processor import Frame, Processor, SessionContext, checked_result, is_async_hook
 from byoc.threads import call_in_loop
 
 __all__ = ["ProcessingStatistics", "ProcessingWorker", "error_kind", "to_video_frame"]
@@ -49,24 +49,15 @@ class ProcessingStatistics:
 
 def to_video_frame(result: Any, source: av.VideoFrame) -> av.VideoFrame | None:
     """What ``process`` returned, as a video frame with the source's timestamp (None: drop it)."""
+    result = checked_result(result)
     if result is None:
         return None
     if isinstance(result, Frame):
         frame = result.av_frame
     elif isinstance(result, av.VideoFrame):
         frame = result
-    elif isinstance(result, np.ndarray):
-        if result.dtype != np.uint8 or result.ndim != 3 or result.shape[2] != 3:
-            raise TypeError(
-                f"process() returned an array of shape {result.shape} and dtype {result.dtype}; "
-                "expected H x W x 3 uint8 RGB"
-            )
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(result), format="rgb24")
     else:
-        raise TypeError(
-            f"process() returned {type(result).__name__}; expected a Frame, an av.VideoFrame, "
-            "an H x W x 3 uint8 array or None"
-        )
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(result), format="rgb24")
     frame.pts, frame.time_base = source.pts, TIME_BASE
     return frame
 
