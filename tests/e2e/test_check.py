@@ -17,6 +17,8 @@ MIB = 1024 * 1024
 
 
 INPUT_FPS = 30.0
+BEHAVES = ("load", "--processor-option", "memory_mb=128", "--processor-option", "ms=1")
+"""A container that behaves: 128 MiB a session, 1 ms of CPU a frame."""
 
 
 def run_check(tmp_path: Path, *args: str, sessions: int = 3) -> tuple[int, str, dict[str, Any]]:
@@ -32,11 +34,7 @@ def run_check(tmp_path: Path, *args: str, sessions: int = 3) -> tuple[int, str, 
 def test_a_container_that_behaves_passes_every_item(tmp_path: Path, protocol: str) -> None:
     code, output, figures = run_check(
         tmp_path,
-        "load",
-        "--processor-option",
-        "memory_mb=128",
-        "--processor-option",
-        "ms=1",
+        *BEHAVES,
         "--protocol",
         protocol,
     )
@@ -92,11 +90,7 @@ def documented_threshold_mb(figures: dict[str, Any]) -> int:
 def test_process_isolation_counts_the_workers_memory(tmp_path: Path) -> None:
     _, output, figures = run_check(
         tmp_path,
-        "load",
-        "--processor-option",
-        "memory_mb=128",
-        "--processor-option",
-        "ms=1",
+        *BEHAVES,
         "--isolation",
         "process",
         sessions=2,
