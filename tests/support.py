@@ -7,7 +7,7 @@ import contextlib
 import io
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -314,3 +314,21 @@ class StreamHarness:
 
     def output_bytes(self) -> bytes:
         return b"".join(segment.data for segment in self.output)
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool]],
+    what: str,
+    timeout: float = 30.0,  # noqa: ASYNC109
+    every: float = 0.1,
+) -> float:
+    """Poll ``condition`` (another process, over HTTP, or what readers received) until it holds;
+    returns when it did (``time.monotonic()``); AssertionError naming ``what`` after ``timeout``."""
+    try:
+        async with asyncio.timeout(timeout):
+            while True:  # another process: polled over HTTP
+                if await condition():
+                    return time.monotonic()
+                await asyncio.sleep(every)
+    except TimeoutError:
+        raise AssertionError(f"not within {timeout} s: {what}") from None

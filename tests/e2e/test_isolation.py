@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from byoc.dev.trickle_server import RunningTrickle
 from byoc.serve.system import resident_bytes
 from tests.e2e.serve import ServeProcess
 from tests.e2e.test_serve import metrics, start
-from tests.support import StreamHarness, make_segments
+from tests.support import StreamHarness, make_segments, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -38,13 +37,6 @@ async def watch_health(http: aiohttp.ClientSession, serve: ServeProcess, seen: l
 async def status(http: aiohttp.ClientSession, serve: ServeProcess) -> dict[str, dict[str, Any]]:
     async with http.get(f"{serve.url}/stream/status") as response:
         return {s["stream_id"]: s for s in (await response.json())["sessions"]}
-
-
-async def until(condition: Callable[[], Awaitable[bool]], timeout: float = 60.0) -> None:  # noqa: ASYNC109
-    """Poll another process (over HTTP, or what its readers received) until ``condition`` holds."""
-    async with asyncio.timeout(timeout):
-        while not await condition():  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
 
 
 def stopped(h: StreamHarness) -> bool:
@@ -84,7 +76,7 @@ async def test_a_worker_that_segfaults_ends_only_its_own_sessions_and_is_replace
         async def half_ended() -> bool:  # the crashed worker's other sessions end as their links break
             return sum(map(stopped, streams)) >= SESSIONS // 2
 
-        await until(half_ended)
+        await wait_until(half_ended, "the crashed worker's sessions end", 60)
         ended = [h for h in streams if stopped(h)]
         survivors = [h for h in streams if h not in ended]
         assert len(ended) == SESSIONS // 2
@@ -101,7 +93,7 @@ async def test_a_worker_that_segfaults_ends_only_its_own_sessions_and_is_replace
             running = await status(http, serve)
             return all(running[h.name]["output"]["frames"] == 30 for h in survivors)
 
-        await until(survivors_out)
+        await wait_until(survivors_out, "every frame of the survivors is out", 60)
         running = await status(http, serve)
         for h in survivors:
             assert sum(running[h.name]["dropped"].values()) == 0, running[h.name]
@@ -114,7 +106,7 @@ async def test_a_worker_that_segfaults_ends_only_its_own_sessions_and_is_replace
             async def fresh_out() -> bool:
                 return bool((await status(http, serve))["fresh"]["output"]["frames"] == 10)
 
-            await until(fresh_out)
+            await wait_until(fresh_out, "the new session's frames are out", 60)
             restarts = (await metrics(http, serve))["byoc_worker_restarts"]
             assert [(s.labels, s.value) for s in restarts if s.name.endswith("_total")] == [
                 ({"reason": "signal_11"}, 1.0)
@@ -235,10 +227,10 @@ async def test_while_a_worker_restarts_the_capacity_offered_is_the_ready_workers
 
         assert await capacity_is(4)
         os.kill(workers(serve.pid)[0], signal.SIGKILL)
-        await until(lambda: capacity_is(2))
+        await wait_until(lambda: capacity_is(2), "capacity 2 while a worker restarts", 60)
         samples = (await metrics(http, serve))["byoc_sessions_capacity"]
         assert [s.value for s in samples] == [2.0]
-        await until(lambda: capacity_is(4))
+        await wait_until(lambda: capacity_is(4), "capacity 4 again", 60)
         assert {status for status, _ in seen} == {200}
 
 
@@ -264,6 +256,6 @@ async def test_a_hook_that_hangs_in_a_worker_leaves_no_thread_behind_in_the_cont
                     health = await response.json()
                 return response.status == 200 and health["abandoned_threads"] == 0
 
-            await until(nothing_left_behind)
+            await wait_until(nothing_left_behind, "no thread left behind", 60)
         serve.signal(signal.SIGTERM)
         assert await serve.wait_exit() == 0, serve.log[-3000:]

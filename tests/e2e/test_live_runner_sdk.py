@@ -26,7 +26,7 @@ from byoc.dev.children import ByocProcess, free_port
 from byoc.dev.synthetic import publish_live
 from byoc.trickle.publisher import TricklePublisher
 from tests.conftest import TEST_CLIENT_SETTINGS
-from tests.support import decode, make_segments, serve_app
+from tests.support import decode, make_segments, serve_app, wait_until
 
 lpg = pytest.importorskip("livepeer_gateway", reason="the SDK is installed by `make` (Makefile)")
 
@@ -59,23 +59,6 @@ def runner_process(
         "--capability-name", name, "--capability-url", f"http://127.0.0.1:{port}",
         "--orchestrator-url", orchestrator_url, "--orch-secret", SECRET, *args,
     )  # fmt: skip
-
-
-async def wait_until(
-    condition: Callable[[], Awaitable[bool]],
-    what: str,
-    timeout: float = 30.0,  # noqa: ASYNC109
-    every: float = 0.1,
-) -> float:
-    """Poll ``condition`` until it holds; returns when it did (``time.monotonic()``)."""
-    try:
-        async with asyncio.timeout(timeout):
-            while True:  # another process: polled over HTTP
-                if await condition():
-                    return time.monotonic()
-                await asyncio.sleep(every)
-    except TimeoutError:
-        raise AssertionError(f"not within {timeout} s: {what}") from None
 
 
 # --- what the SDK's client sees ----------------------------------------------------------------------------

@@ -10,7 +10,6 @@ import contextlib
 import json
 import signal
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +22,12 @@ from byoc.errors import ChannelGone
 from byoc.trickle.publisher import TricklePublisher
 from byoc.trickle.subscriber import TrickleSubscriber
 from tests.conftest import TEST_CLIENT_SETTINGS
-from tests.support import decode, make_segments
+from tests.support import decode, make_segments, wait_until
 
 pytestmark = pytest.mark.e2e
 
 SECRET = "static-runner-secret"
 APP = "live-video-to-video/static-e2e"
-
-
-async def wait_until(condition: Callable[[], Awaitable[bool]], what: str, timeout: float = 30.0) -> None:  # noqa: ASYNC109
-    try:
-        async with asyncio.timeout(timeout):
-            while not await condition():  # noqa: ASYNC110 - another process, polled over HTTP
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"not within {timeout} s: {what}") from None
 
 
 async def read_channel(http: aiohttp.ClientSession, url: str, into: list[bytes]) -> None:
