@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test check lint demo bench clean
+.PHONY: test check lint demo bench clean package-check
 
 # Livepeer's own SDK (livepeer-gateway) judges the live-runner side in the tests. It declares Python >= 3.12
 # but runs on 3.11; binary wheels only, so it never builds PyAV (its av>=11 accepts the version byoc pins).
@@ -27,6 +27,10 @@ check: lint test
 
 demo: $(STAMP)
 	$(BIN)/byoc demo
+
+# The package as a user installs it (needs PyPI): build, twine check, a fresh venv, `byoc init` + its test.
+package-check:
+	PYTHON=$(PYTHON) scripts/package-check
 
 clean:
 	rm -rf $(VENV) build dist .mypy_cache .pytest_cache .ruff_cache

@@ -232,7 +232,7 @@ def test_report_without_matplotlib_raises_config_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(ConfigError, match=r"pip install 'byoc\[report\]'"):
+    with pytest.raises(ConfigError, match=r"pip install 'byoc-runtime\[report\]'"):
         write_report(_result(), tmp_path / "report")
     assert not (tmp_path / "report").exists()
 

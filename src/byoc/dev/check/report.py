@@ -1,7 +1,7 @@
 """Turns a :class:`~byoc.dev.check.model.CheckResult` into what people read: the terminal summary, a JSON
 file and a self-contained report (``index.html`` + ``report.md`` + PNG plots).
 
-The plots need matplotlib, an optional extra (``pip install 'byoc[report]'``); it is imported only
+The plots need matplotlib, an optional extra (``pip install 'byoc-runtime[report]'``); it is imported only
 when a report is written, and drawn with the Agg canvas on private ``Figure`` objects, so nothing is
 left in pyplot's global state.
 """
@@ -387,7 +387,8 @@ def write_report(result: CheckResult, directory: Path) -> list[Path]:
         from matplotlib.figure import Figure
     except ImportError as exc:
         raise ConfigError(
-            f"the byoc check report needs matplotlib ({exc}); install it with: pip install 'byoc[report]'"
+            f"the byoc check report needs matplotlib ({exc}); "
+            "install it with: pip install 'byoc-runtime[report]'"
         ) from exc
 
     directory.mkdir(parents=True, exist_ok=True)
