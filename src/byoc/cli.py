@@ -56,6 +56,12 @@ def _demo(argv: Sequence[str]) -> int:
     return demo(list(argv))
 
 
+def _init(argv: Sequence[str]) -> int:
+    from byoc.scaffold import main as init
+
+    return init(list(argv))
+
+
 def _bench(argv: Sequence[str]) -> int:
     benchmarks = {
         "pipeline": "byoc.dev.bench.pipeline",
@@ -70,6 +76,7 @@ def _bench(argv: Sequence[str]) -> int:
 
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "init": (_init, "create a processor project: package, test, pyproject.toml, Dockerfile, README"),
     "serve": (_serve, "run the container: sessions, admission, health, metrics, drain, registration"),
     "orchestrator": (_orchestrator, "run a local development orchestrator (port 8935)"),
     "check": (_check, "run the production checklist against a container, with a report"),
