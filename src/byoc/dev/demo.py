@@ -4,8 +4,10 @@ It starts ``byoc orchestrator`` and ``byoc serve invert`` as subprocesses (the c
 with the orchestrator: its capability over BYOC, or with ``--protocol live-runner`` as a live
 runner), starts streams through ``POST /live-video-to-video`` as the checklist's curl loop does,
 shows a live table (per stream: fps, latency, dropped frames; the container: sessions, memory,
-/health latency), writes one processed stream to ``demo-output.ts`` and a snapshot of a processed
-frame to ``demo-snapshot.png``, then sends SIGTERM to the container and reports its drain.
+/health latency) and the address of the orchestrator's live page (thumbnails, charts, events: open
+it in a browser while the demo runs), writes one processed stream to ``demo-output.ts`` and a
+snapshot of a processed frame to ``demo-snapshot.png``, then sends SIGTERM to the container and
+reports its drain.
 """
 
 from __future__ import annotations
@@ -171,6 +173,7 @@ async def run_demo(
     ):
         container.args += ["--orchestrator-url", orchestrator.url]
         print(f"local orchestrator on {orchestrator.url}; starting the container ({processor})", file=out)
+        print(f"watch it live in a browser: {orchestrator.url}/", file=out)
         await container.start()
         stack.push_async_callback(container.kill)
         await container.wait_healthy(http)

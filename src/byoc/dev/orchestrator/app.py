@@ -8,6 +8,7 @@ POST  /live-video-to-video/{id}/update     parameters, forwarded to the containe
 POST  /live-video-to-video/{id}/stop       stop: the container's /stream/stop, then the channels close
 GET   /status                              every stream with its statistics, the capabilities, the
                                            live runners
+GET   /, /ui/...                           the live page and its JSON (``ui.py``, ``page.py``)
 *     /ai/trickle/...                      the trickle channels (auto-create off)
 *     /runners/..., /runner/..., /apps/...  go-livepeer's live-runner side (``live_runner.py``)
 GET   /discovery                           the ready live runners
@@ -58,6 +59,7 @@ from byoc.dev.orchestrator.static_runners import (
     load_config,
 )
 from byoc.dev.orchestrator.streams import LocalStream, StreamRequest
+from byoc.dev.orchestrator.ui import LiveUi
 from byoc.dev.synthetic import LoopingSource
 from byoc.dev.trickle_server import TrickleServer
 from byoc.trickle.client import TrickleClientSettings, create_client_session
@@ -185,6 +187,7 @@ class LocalOrchestrator:
         app.router.add_post("/live-video-to-video/{id}/update", self._update)
         app.router.add_post("/live-video-to-video/{id}/stop", self._stop)
         app.router.add_get("/status", self._status)
+        LiveUi(self).add_routes(app)  # the live page at /
         return app
 
     async def wait_listening(self) -> None:
@@ -212,9 +215,10 @@ class LocalOrchestrator:
                 await site.start()
                 self.port = runner.addresses[0][1] if runner.addresses else self.settings.port
                 log.info(
-                    "local orchestrator listening on %s:%s (trickle at %s/ai/trickle/)",
+                    "local orchestrator listening on %s:%s (trickle at %s/ai/trickle/, live page at %s/)",
                     self.settings.host,
                     self.port,
+                    self.base_url,
                     self.base_url,
                 )
                 self._listening.set()

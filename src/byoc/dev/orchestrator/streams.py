@@ -42,6 +42,7 @@ from byoc.trickle.subscriber import TrickleSubscriber
 __all__ = [
     "CONTAINER_PROBE_FAILURES",
     "CONTAINER_PROBE_INTERVAL_S",
+    "EVENTS_KEPT",
     "KEEPALIVE_INTERVAL_S",
     "LocalStream",
     "StreamRequest",
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 KEEPALIVE_INTERVAL_S = 10.0
 CONTAINER_PROBE_INTERVAL_S = 1.0
 CONTAINER_PROBE_FAILURES = 3
+EVENTS_KEPT = 50
 _VIDEO_PID = 0x100
 _START_TIMEOUT_S = 30.0
 _STOP_TIMEOUT_S = 10.0
@@ -129,6 +131,8 @@ class LocalStream:
         self._input_ends: dict[int, float] = {}
         self._stopping = asyncio.Event()
         self._ended = asyncio.Event()
+        self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
+        """The latest events the container sent on the events channel, each with ``received_at``."""
 
     # --- talking to the container ---------------------------------------------------------------
 
@@ -321,6 +325,8 @@ class LocalStream:
                     with contextlib.suppress(ValueError):
                         document = json.loads(await segment.read())
                         event = document.get("event", document) if isinstance(document, dict) else {}
+                        if isinstance(event, dict):
+                            self.events.append({"received_at": time.time(), **event})
                         if isinstance(event, dict) and event.get("type") in ("status", "stream_stopped"):
                             self._figures.last_status = event
                             if event["type"] == "stream_stopped":
