@@ -26,6 +26,9 @@ ARG BYOC_EXTRAS=gpu
 
 # Python itself only when the base image lacks it (CUDA images); a virtual environment in every case,
 # so that the install works the same way on bases whose system Python is externally managed.
+# The distribution's packages are not pinned (DL3008): which ones, and their versions, follow the base
+# image and the PYTHON argument, and a pin for one base release fails on every other.
+# hadolint ignore=DL3008
 RUN set -eux; \
     if ! "$PYTHON" -m venv /opt/venv; then \
         rm -rf /opt/venv; \
@@ -44,16 +47,19 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-# byoc from the build context (README.md is part of the package metadata).
+# byoc from the build context (README.md is part of the package metadata). What pip installs is this
+# checkout itself, not a package from an index, so there is no version to pin (DL3013); its
+# dependencies' ranges are the ones in pyproject.toml.
 WORKDIR /build
 COPY pyproject.toml README.md ./
 COPY src/ ./src/
+# hadolint ignore=DL3013
 RUN set -eux; \
     target=.; \
     if [ -n "$BYOC_EXTRAS" ]; then target=".[$BYOC_EXTRAS]"; fi; \
     pip install --no-cache-dir "$target"; \
     byoc --version; \
-    cd /; rm -rf /build
+    rm -rf /build
 
 # Processors outside the byoc package live in /app, which is on the import path.
 WORKDIR /app

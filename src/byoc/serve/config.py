@@ -199,6 +199,13 @@ class Settings:
         None, "GPU memory one session needs; default: measured while sessions run"
     )
     gpu_headroom_mb: float = _setting(512.0, "GPU memory always left free when admitting a session")
+    gpu: int | None = _setting(
+        None,
+        "pin this process to one GPU: NVML's device index (PCI bus order, as nvidia-smi lists them). "
+        "CUDA then shows only that device, as cuda:0; memory readings and admission use it, and the "
+        "registration names it. One process per GPU (default: every device the process can see)",
+        metavar="INDEX",
+    )
     # --- registration with an orchestrator ---
     protocol: str = _setting(
         "byoc",
@@ -252,6 +259,8 @@ class Settings:
             problems.append(f"start_timeout_s must be > 0, got {self.start_timeout_s}")
         if self.stop_answer_timeout_s < 0:
             problems.append(f"stop_answer_timeout_s must be >= 0, got {self.stop_answer_timeout_s}")
+        if self.gpu is not None and self.gpu < 0:
+            problems.append(f"gpu must be >= 0 (a device index), got {self.gpu}")
         if self.isolation_workers is not None and self.isolation_workers < 1:
             problems.append(f"isolation_workers must be >= 1, got {self.isolation_workers}")
         if self.leak_threshold_mb < 0 or self.recycle_after_sessions < 0:
@@ -462,6 +471,7 @@ def build_parser(
                 type=converter,
                 default=default,
                 choices=item.metadata["choices"],
+                metavar=item.metadata["metavar"],
                 help=help_text,
             )
     return parser

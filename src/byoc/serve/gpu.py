@@ -4,6 +4,10 @@ Everything here degrades to "no reading" rather than raising: a machine without 
 NVIDIA driver or without ``nvidia-ml-py`` gets an unavailable monitor whose readings are empty, and a
 budget that never refuses. torch is never imported here; its allocator is read only when the
 processor already imported it.
+
+``--gpu INDEX`` pins a process to one device: :meth:`GpuMonitor.pin` restricts the readings to it,
+:func:`pin_cuda_environment` makes CUDA show only that device (as ``cuda:0``), and :func:`device_label`
+names it for the orchestrator.
 """
 
 from __future__ import annotations
@@ -12,11 +16,23 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DeviceMemory", "GpuMonitor", "MemoryBudget", "TorchMemory", "reset_torch_peaks", "torch_memory"]
+from byoc.errors import ConfigError
+
+__all__ = [
+    "DeviceMemory",
+    "GpuMonitor",
+    "MemoryBudget",
+    "TorchMemory",
+    "cuda_initialised",
+    "device_label",
+    "pin_cuda_environment",
+    "reset_torch_peaks",
+    "torch_memory",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +77,8 @@ class GpuMonitor:
         self._last_warning: dict[str, float] = {}
         self._nvml: Any | None = None
         self._initialised = False
+        self._pinned: int | None = None
+        """The one device read after :meth:`pin` (NVML's index); None: every device."""
         if nvml is None:
             try:
                 import pynvml
@@ -82,15 +100,48 @@ class GpuMonitor:
     def available(self) -> bool:
         return self._initialised
 
+    @property
+    def pinned(self) -> int | None:
+        """The device :meth:`pin` chose, or None."""
+        return self._pinned
+
+    def pin(self, index: int) -> None:
+        """From now on read only device ``index`` (NVML's index: every device of the machine, in PCI bus
+        order). ConfigError when the index is negative, or when NVML answers and has no such device;
+        without NVML the index cannot be checked and is taken as given."""
+        if index < 0:
+            raise ConfigError(f"gpu must be >= 0, got {index}")
+        with self._lock:
+            nvml = self._nvml
+            if self._initialised and nvml is not None:
+                try:
+                    count = int(nvml.nvmlDeviceGetCount())
+                except Exception as exc:
+                    raise ConfigError(
+                        f"gpu {index}: NVML did not count the devices ({type(exc).__name__}: {exc})"
+                    ) from exc
+                if index >= count:
+                    seen = f"devices 0 to {count - 1}" if count else "no device"
+                    raise ConfigError(f"gpu {index} does not exist: NVML sees {seen}")
+            self._pinned = index
+
+    def _indices(self, nvml: Any) -> range | list[int]:
+        """The device indices to read: every device, or the pinned one while it exists."""
+        count = int(nvml.nvmlDeviceGetCount())
+        if self._pinned is None:
+            return range(count)
+        return [self._pinned] if self._pinned < count else []
+
     def devices(self) -> list[DeviceMemory]:
-        """Every device's memory now; [] when unavailable or when NVML fails to answer."""
+        """Every device's memory now (only the pinned one after :meth:`pin`); [] when unavailable or
+        when NVML fails to answer."""
         with self._lock:
             nvml = self._nvml
             if not self._initialised or nvml is None:
                 return []
             try:
                 readings = []
-                for index in range(int(nvml.nvmlDeviceGetCount())):
+                for index in self._indices(nvml):
                     handle = nvml.nvmlDeviceGetHandleByIndex(index)
                     info = nvml.nvmlDeviceGetMemoryInfo(handle)
                     name = nvml.nvmlDeviceGetName(handle)
@@ -104,15 +155,16 @@ class GpuMonitor:
 
     def process_bytes(self, pid: int) -> int:
         """Device memory NVML attributes to process ``pid`` (its compute contexts), summed over every
-        device; 0 when unavailable or unknown. Inside a container without the host's PID namespace NVML
-        reports host pids, which match no pid here: then this is 0, and only resident memory is compared."""
+        device (the pinned one after :meth:`pin`); 0 when unavailable or unknown. Inside a container
+        without the host's PID namespace NVML reports host pids, which match no pid here: then this is 0,
+        and only resident memory is compared."""
         with self._lock:
             nvml = self._nvml
             if not self._initialised or nvml is None:
                 return 0
             try:
                 total = 0
-                for index in range(int(nvml.nvmlDeviceGetCount())):
+                for index in self._indices(nvml):
                     handle = nvml.nvmlDeviceGetHandleByIndex(index)
                     for process in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
                         if process.pid == pid and isinstance(process.usedGpuMemory, int):
@@ -144,6 +196,34 @@ class GpuMonitor:
             return
         self._last_warning[message] = now
         logger.warning("%s", message)
+
+
+def device_label(index: int, devices: Sequence[DeviceMemory]) -> str:
+    """How a pinned device is named to the orchestrator: ``gpu 1: NVIDIA H100 80GB HBM3``, or ``gpu 1``
+    when NVML does not read it."""
+    name = next((device.name for device in devices if device.index == index and device.name), None)
+    return f"gpu {index}: {name}" if name else f"gpu {index}"
+
+
+def pin_cuda_environment(index: int, environ: MutableMapping[str, str]) -> str | None:
+    """Make CUDA show only device ``index``, as device 0 (``cuda:0`` for torch), to this process and the
+    processes it starts: ``CUDA_VISIBLE_DEVICES=index``, and ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` so that CUDA
+    counts devices in NVML's order (its default puts the fastest first). Takes effect only where CUDA
+    has not been initialised yet. Returns the ``CUDA_VISIBLE_DEVICES`` it replaced, when that differed."""
+    previous = environ.get("CUDA_VISIBLE_DEVICES")
+    environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    environ["CUDA_VISIBLE_DEVICES"] = str(index)
+    return previous if previous is not None and previous != str(index) else None
+
+
+def cuda_initialised() -> bool:
+    """Whether torch, already imported, has set CUDA up in this process (too late to pin a device)."""
+    cuda = getattr(sys.modules.get("torch"), "cuda", None)
+    is_initialized = getattr(cuda, "is_initialized", None)
+    try:
+        return bool(is_initialized()) if is_initialized is not None else False
+    except Exception:
+        return False
 
 
 def _torch_cuda() -> Any | None:

@@ -15,6 +15,10 @@ awaitable, for tests and tools). The drain, all within ``drain_timeout_s``:
 Past the deadline whatever is left is cancelled and the exit code is 1, with a log line naming what
 hung. A second signal exits at once. A stop while the processor is still loading (its import or
 ``setup()``) does not wait for it: the load is abandoned on its thread, logged, and the exit code is 1.
+
+With ``--gpu INDEX`` the process is pinned to that device before anything else (byoc.serve.gpu): CUDA
+shows only it, the GPU readings are its own, and an index NVML does not see ends the start with
+``EXIT_CONFIG``.
 """
 
 from __future__ import annotations
@@ -40,7 +44,16 @@ from byoc.serve.apiserver import ApiServer
 from byoc.serve.config import Settings
 from byoc.serve.connections import connection_limits
 from byoc.serve.control import RuntimeControl, api_settings
-from byoc.serve.gpu import DeviceMemory, GpuMonitor, MemoryBudget, TorchMemory, torch_memory
+from byoc.serve.gpu import (
+    DeviceMemory,
+    GpuMonitor,
+    MemoryBudget,
+    TorchMemory,
+    cuda_initialised,
+    device_label,
+    pin_cuda_environment,
+    torch_memory,
+)
 from byoc.serve.health import HealthView, RuntimeState
 from byoc.serve.manager import SessionManager
 from byoc.serve.metrics import FrameTotals, RuntimeMetrics
@@ -51,11 +64,12 @@ from byoc.tensors import release_cached_memory
 from byoc.threads import run_in_thread
 from byoc.trickle.client import create_client_session
 
-__all__ = ["EXIT_HUNG", "EXIT_LOAD_FAILED", "Runtime"]
+__all__ = ["EXIT_CONFIG", "EXIT_HUNG", "EXIT_LOAD_FAILED", "Runtime"]
 
 log = logging.getLogger(__name__)
 
 EXIT_HUNG = 1
+EXIT_CONFIG = 2
 EXIT_LOAD_FAILED = 3
 _MB = 1024 * 1024
 _BUDGET_SAMPLE_S = 2.0
@@ -78,6 +92,7 @@ class Runtime:
             self.gpu,
             per_session_bytes=None if per_session is None else int(per_session * _MB),
             headroom_bytes=int(settings.gpu_headroom_mb * _MB),
+            device=settings.gpu or 0,
         )
         self.metrics = RuntimeMetrics(self, version=__version__, processor=settings.processor)
         self._loading = True
@@ -211,6 +226,8 @@ class Runtime:
 
     async def serve(self, shutdown: Awaitable[object] | None = None) -> int:
         """Serve until SIGTERM/SIGINT, :meth:`request_drain` or ``shutdown``; returns the exit code."""
+        if self.settings.gpu is not None and not self._pin_gpu(self.settings.gpu):
+            return EXIT_CONFIG
         self._install_signal_handlers()
         sys.setswitchinterval(self.settings.switch_interval_ms / 1000.0)
         async with create_client_session(self.settings.trickle()) as http:
@@ -252,6 +269,24 @@ class Runtime:
                 return await self._serve(http, shutdown)
             finally:
                 await self._api.stop()
+
+    def _pin_gpu(self, index: int) -> bool:
+        """``--gpu``: read only that device, and show CUDA only that one (as ``cuda:0``) before the
+        processor is imported; worker processes inherit the environment. False, with the reason logged,
+        when NVML has no such device."""
+        try:
+            self.gpu.pin(index)
+        except ConfigError as exc:
+            self._error = str(exc)
+            log.error("byoc serve: %s", exc)
+            return False
+        replaced = pin_cuda_environment(index, os.environ)
+        if replaced is not None:
+            log.warning("gpu %d: CUDA_VISIBLE_DEVICES was %r; it is now %d", index, replaced, index)
+        if cuda_initialised():
+            log.warning("gpu %d: CUDA was initialised before the pinning and may see every device", index)
+        log.info("pinned to %s (CUDA_VISIBLE_DEVICES=%d)", device_label(index, self.gpu.devices()), index)
+        return True
 
     def _api_loop(self) -> asyncio.AbstractEventLoop:
         if self._api is None:

@@ -25,6 +25,7 @@ from yarl import URL
 
 from byoc.errors import ByocError, ConfigError
 from byoc.serve.api import STREAM_ROUTES, Route
+from byoc.serve.gpu import device_label
 from byoc.trickle.protocol import RetryPolicy, RetryState
 
 if TYPE_CHECKING:
@@ -93,11 +94,16 @@ class CapabilityInfo:
             raise ConfigError("; ".join(problems))
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> CapabilityInfo:
+    def from_settings(cls, settings: Settings, *, device: str | None = None) -> CapabilityInfo:
+        """The registration ``settings`` describe; ``device`` (``gpu 1: NVIDIA H100``, with ``--gpu``)
+        is added to the description."""
+        description = settings.capability_description
+        if device:
+            description = f"{description} ({device})" if description else device
         return cls(
             name=settings.capability_name,
             url=settings.advertised_url(),
-            description=settings.capability_description,
+            description=description,
             capacity=settings.max_sessions,
             price_per_unit=settings.price_per_unit,
             price_scaling=settings.price_scaling,
@@ -171,7 +177,9 @@ class Registrar:
         self._announced = False
 
     @classmethod
-    def from_settings(cls, http: aiohttp.ClientSession, settings: Settings) -> Registrar:
+    def from_settings(
+        cls, http: aiohttp.ClientSession, settings: Settings, *, device: str | None = None
+    ) -> Registrar:
         secret = settings.secret()
         if not settings.orchestrator_url or secret is None:
             raise ConfigError("registration needs orchestrator_url and orch_secret or orch_secret_file")
@@ -179,7 +187,7 @@ class Registrar:
             http,
             settings.orchestrator_url,
             secret,
-            CapabilityInfo.from_settings(settings),
+            CapabilityInfo.from_settings(settings, device=device),
             reregister_interval_s=settings.reregister_interval_s,
             heartbeat_interval_s=settings.heartbeat_interval_s,
         )
@@ -377,7 +385,9 @@ class ByocProtocol:
         if not self._settings.orchestrator_url:
             return
         self._running = asyncio.current_task()
-        self._registrar = Registrar.from_settings(self._http, self._settings)
+        index = self._settings.gpu
+        device = None if index is None else device_label(index, self._view.gpu_devices())
+        self._registrar = Registrar.from_settings(self._http, self._settings, device=device)
         await self._registrar.run(is_idle=lambda: self._view.offer().running == 0)
 
     async def withdraw(self) -> None:

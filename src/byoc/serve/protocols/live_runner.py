@@ -48,6 +48,7 @@ from byoc.errors import (
     SessionNotFound,
 )
 from byoc.serve.api import Route, read_body
+from byoc.serve.gpu import device_label
 from byoc.serve.health import RuntimeState
 from byoc.serve.validation import checked_stream_id, json_object, start_spec
 from byoc.spec import EndReason
@@ -335,7 +336,10 @@ class LiveRunner:
             body["gpu"] = {"id": str(device.index), "name": device.name, "vram_mb": device.total_bytes >> 20}
         if price := self._settings.runner_price_usd_per_hour:
             body["price_info"] = {"price": price, "currency": "usd", "unit": "hour"}
-        metadata = json.dumps({"processor": self._settings.processor}, separators=(",", ":"))
+        described: dict[str, str] = {"processor": self._settings.processor}
+        if (index := self._settings.gpu) is not None:  # --gpu: which device, even without NVML
+            described["gpu"] = device_label(index, devices)
+        metadata = json.dumps(described, separators=(",", ":"))
         if len(metadata.encode()) <= MAX_METADATA_BYTES:
             body["metadata"] = metadata
         return body
