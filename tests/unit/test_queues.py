@@ -236,3 +236,21 @@ def test_get_waits_for_another_thread_and_times_out() -> None:
     assert queue.get(timeout=5) == 7
     producer.join()
     assert woken == [True]
+
+
+def test_items_put_without_a_wake_ride_with_the_next_wake_and_keep_their_place() -> None:
+    queue: StageQueue[str] = StageQueue()
+    wakes: list[bool] = []
+    queue.set_waker(lambda: wakes.append(True))
+    queue.put("audio 1", droppable=False, wake=False)
+    queue.put("audio 2", droppable=False, wake=False)
+    assert wakes == []  # nobody was woken for them
+    queue.put("frame")
+    assert wakes == [True]  # one wake for all three
+    queue.wake()
+    assert wakes == [True]  # nothing left unannounced
+    queue.put("audio 3", droppable=False, wake=False)
+    queue.wake()  # the producer is about to wait: what it held back goes on
+    queue.wake()
+    assert wakes == [True, True]
+    assert [queue.get_nowait() for _ in range(4)] == ["audio 1", "audio 2", "frame", "audio 3"]

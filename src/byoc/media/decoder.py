@@ -110,8 +110,14 @@ class _ByteFeed:
     (:meth:`room`) while more than ``max_bytes`` are waiting to be read.
     """
 
-    def __init__(self, on_boundary: Callable[[int], None], max_bytes: int = DEFAULT_BUFFERED_BYTES) -> None:
+    def __init__(
+        self,
+        on_boundary: Callable[[int], None],
+        max_bytes: int = DEFAULT_BUFFERED_BYTES,
+        on_idle: Callable[[], None] = lambda: None,
+    ) -> None:
         self._chunks: deque[bytes | object] = deque()
+        self._on_idle = on_idle  # before the reader waits for bytes: what it decoded so far goes on
         self._cond = threading.Condition()
         self._max_bytes = max_bytes
         self._waiting_bytes = 0
@@ -184,6 +190,8 @@ class _ByteFeed:
 
     def _next_item(self) -> bytes | None:
         while True:
+            if not self._chunks and not self._eof:
+                self._on_idle()  # about to wait (a racy look: at worst a wake that finds nothing new)
             with self._cond:
                 self._cond.wait_for(lambda: self._chunks or self._eof)
                 if not self._chunks:
@@ -348,7 +356,7 @@ class Decoder(Stage):
         self._clock = clock
         # Boundaries go straight to the queue: a bound method would tie the feed back to the decoder,
         # a cycle that keeps the decoder's codec contexts until the cyclic collector runs.
-        self._feed = _ByteFeed(functools.partial(_put_boundary, output), max_buffered_bytes)
+        self._feed = _ByteFeed(functools.partial(_put_boundary, output), max_buffered_bytes, output.wake)
         self._stream_clock = StreamClock(clock=clock)
         self.latency_budget_s = latency_budget_s
         """A frame that arrives this long after it was due while the input is catching up (a backlog
@@ -509,7 +517,9 @@ class Decoder(Stage):
                 self._time_audio(frame)
                 if offset and frame.pts is not None:
                     frame.pts += offset
-                self._output.put(AudioItem(frame), droppable=False)
+                # Audio rides with the next video frame, or goes once the input runs dry: one wake-up
+                # of the next stage per frame rather than one per audio frame as well.
+                self._output.put(AudioItem(frame), droppable=False, wake=False)
 
     def _time_audio(self, frame: av.AudioFrame) -> None:
         """Give every audio frame a PTS (1/90000). One PES carries one PTS for several audio frames,

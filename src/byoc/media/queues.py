@@ -135,6 +135,7 @@ class StageQueue(Generic[T]):
         self._ready = threading.Condition(self._lock)  # an item or the end, for the consumer
         self._room = threading.Condition(self._lock)  # room for a frame, or the end, for the producer
         self._waker: Callable[[], None] | None = None
+        self._unwoken = False  # items were put with wake=False and the consumer was not woken since
         self._service_s = 0.0  # the consumer's recent time per frame
         self._handed_out_at: float | None = None
         self._warmup = 2  # the first frames also pay for the consumer's start-up (an encoder opening)
@@ -145,11 +146,17 @@ class StageQueue(Generic[T]):
         """Call ``waker`` (from the putting thread) whenever an item arrives or the queue closes."""
         self._waker = waker
 
-    def put(self, item: T, *, droppable: bool = True, block: bool = True) -> None:
+    def put(self, item: T, *, droppable: bool = True, block: bool = True, wake: bool = True) -> None:
         """Add an item. A droppable item (a video frame) first pushes out the late frames before it; if
         the queue still holds ``capacity`` frames, it waits for room (``block``; at most until the oldest
         frame is late) or else pushes out the oldest frame (``overflow``). Other items never wait.
-        Raises Closed if the queue is or gets closed."""
+        Raises Closed if the queue is or gets closed.
+
+        With ``wake=False`` a waiting consumer is not woken for this item: it gets it with the next item
+        put with ``wake``, at its next :meth:`get`, or at :meth:`wake`. Waking a sleeping thread costs
+        more than handing it an item, so items that are not urgent (audio frames between two video
+        frames) ride along with the next wake. The producer calls :meth:`wake` before it waits for
+        anything else, so no item is held back while it waits."""
         dropped: list[tuple[T, str]] = []
         try:
             with self._lock:
@@ -162,9 +169,23 @@ class StageQueue(Generic[T]):
                     self._make_room(now, block, dropped)
                 self._entries.append(_Entry(item, droppable, due))
                 self._droppable += droppable
+                if not wake:
+                    self._unwoken = True
+                    return
+                self._unwoken = False
                 self._ready.notify()
         finally:
             self._report(dropped)
+        if self._waker is not None:
+            self._waker()
+
+    def wake(self) -> None:
+        """Wake the consumer for the items put with ``wake=False`` since the last wake, if any."""
+        with self._lock:
+            if not self._unwoken:
+                return
+            self._unwoken = False
+            self._ready.notify()
         if self._waker is not None:
             self._waker()
 

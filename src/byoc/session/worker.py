@@ -159,7 +159,10 @@ class ProcessingWorker(Stage):
         try:
             while True:
                 try:
-                    item = self._source.get()
+                    item = self._source.get_nowait()
+                    if item is None:  # about to wait: what was emitted without a wake goes on first
+                        self._wake_output()
+                        item = self._source.get()
                 except Closed:
                     return
                 _run_now(self._handle(item))
@@ -178,6 +181,7 @@ class ProcessingWorker(Stage):
                 except Closed:
                     return
                 if item is None:
+                    self._wake_output()
                     await wake.wait()
                     wake.clear()
                 else:
@@ -247,7 +251,13 @@ class ProcessingWorker(Stage):
 
     def _emit(self, item: Item) -> None:
         if self._output is not None:
-            self._output.put(item, droppable=isinstance(item, VideoItem))
+            # audio does not wake the encoder by itself (StageQueue.put): it rides with the next frame
+            video = isinstance(item, VideoItem)
+            self._output.put(item, droppable=video, wake=not isinstance(item, AudioItem))
+
+    def _wake_output(self) -> None:
+        if self._output is not None:
+            self._output.wake()
 
     def _failed(self, exc: Exception) -> None:
         if isinstance(exc, ProcessorLost):
