@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
-from byoc.dev.procs import descendants, family, tree_rss
+from byoc.dev.procs import descendants, family, machine_cpu, tree_rss
 from byoc.serve.system import resident_bytes
 
 # a child that starts a grandchild, prints its pid, then waits for its stdin to close
@@ -37,3 +38,13 @@ def test_family_holds_children_and_grandchildren_and_tree_rss_sums_them() -> Non
         child.stdin.close()
         child.wait(timeout=10)
     assert descendants(child.pid) == []
+
+
+def test_machine_cpu_counts_busy_time_as_this_process_spends_it() -> None:
+    busy_before, idle_before = machine_cpu()
+    spent = time.process_time()
+    while time.process_time() - spent < 0.3:  # CPU this process burns counts as the machine's busy time
+        pass
+    busy, idle = machine_cpu()
+    assert busy - busy_before >= 0.25  # tick granularity: 10 ms
+    assert idle >= idle_before

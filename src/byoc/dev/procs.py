@@ -5,11 +5,12 @@ count as the container's memory and CPU, the worker processes of ``--isolation p
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 from byoc.serve.system import cpu_seconds, resident_bytes
 
-__all__ = ["descendants", "family", "tree_cpu", "tree_rss"]
+__all__ = ["descendants", "family", "machine_cpu", "tree_cpu", "tree_rss"]
 
 
 def _parents() -> dict[int, int]:
@@ -54,3 +55,16 @@ def tree_cpu(pid: int) -> float:
         with contextlib.suppress(OSError, IndexError, ValueError):  # a worker that ended meanwhile
             total += cpu_seconds(member)
     return total
+
+
+def machine_cpu() -> tuple[float, float]:
+    """The whole machine's CPU time so far, from the first line of ``/proc/stat``: (busy, idle) in
+    seconds summed over its cores; idle includes waiting for I/O. (0, 0) where there is no /proc."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return 0.0, 0.0
+    ticks = [int(value) for value in fields[:8]]  # user nice system idle iowait irq softirq steal
+    idle = ticks[3] + ticks[4]
+    hertz = os.sysconf("SC_CLK_TCK")
+    return (sum(ticks) - idle) / hertz, idle / hertz

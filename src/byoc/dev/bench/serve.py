@@ -12,7 +12,9 @@ spread or burst; see :mod:`byoc.dev.bench.inputs`), and measures in the containe
   included (``--isolation process``; from /proc);
 * the frames' latency inside the container (decoded to encoded), the median of the sessions' p50 and
   the largest p99;
-* ``/health`` latency, polled at 20 Hz from a separate process (``byoc.dev.bench.probe``).
+* ``/health`` latency, polled at 20 Hz from a separate process (``byoc.dev.bench.probe``);
+* beside the container's cores, the cores the benchmark itself used (trickle server, publishers,
+  readers, probe) and the machine's idle cores, so that a step's CPU can be accounted for.
 
 A step is real-time when every session delivers at least 95 % of the input frame rate and drops at
 most 1 % of its video frames. It also reports the container's cold start (spawn to ``/health`` 200).
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,7 +43,7 @@ from byoc.dev.bench.inputs import (
 )
 from byoc.dev.children import ByocProcess
 from byoc.dev.corpus import FfmpegNotFound
-from byoc.dev.procs import tree_cpu, tree_rss
+from byoc.dev.procs import machine_cpu, tree_cpu, tree_rss
 from byoc.dev.synthetic import publish_live
 from byoc.dev.trickle_server import RunningTrickle, serve_trickle
 from byoc.session.stats import percentile
@@ -71,6 +74,7 @@ class StepReport:
     """Audio frames all sessions dropped, from their start."""
     cpu_ms_per_frame: float
     cpu_cores: float
+    """The container's cores (its worker processes included) over the window."""
     rss_mb: float
     latency_p50_ms: float
     latency_p99_ms: float
@@ -78,6 +82,11 @@ class StepReport:
     health_p99_ms: float
     health_failures: int
     real_time: bool
+    harness_cores: float = 0.0
+    """The benchmark's own cores over the window: its trickle server, publishers and readers, and the
+    /health probe. They share the machine with the container."""
+    idle_cores: float = 0.0
+    """The machine's idle cores over the window (/proc/stat): what neither took."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +112,8 @@ class ServeReport:
             f"{self.delivery} delivery; frames and audio out: all sessions over the measured window",
             f"{'N':>3} {'fps min':>8} {'fps mean':>9} {'dropped':>8} {'window':>7} {'frames':>7} "
             f"{'audio pk':>9} {'audio s':>8} {'CPU ms/fr':>10} {'cores':>6} {'RSS MB':>7} "
-            f"{'latency p50':>12} {'p99':>7} {'health p50':>11} {'p99':>7}  real-time",
+            f"{'latency p50':>12} {'p99':>7} {'health p50':>11} {'p99':>7} {'bench cores':>12} "
+            f"{'idle':>5}  real-time",
         ]
         for s in self.steps:
             lines.append(
@@ -112,7 +122,8 @@ class ServeReport:
                 f"{s.audio_seconds_out:>8.2f} "
                 f"{s.cpu_ms_per_frame:>10.2f} {s.cpu_cores:>6.2f} {s.rss_mb:>7.0f} "
                 f"{s.latency_p50_ms:>10.1f}ms {s.latency_p99_ms:>5.1f}ms {s.health_p50_ms:>9.1f}ms "
-                f"{s.health_p99_ms:>5.1f}ms  {'yes' if s.real_time else 'NO'}"
+                f"{s.health_p99_ms:>5.1f}ms {s.harness_cores:>12.2f} {s.idle_cores:>5.2f}  "
+                f"{'yes' if s.real_time else 'NO'}"
             )
         lines.append(f"largest real-time step: {self.max_real_time} sessions in one process")
         return lines
@@ -146,6 +157,7 @@ async def _step(
     )
     await asyncio.sleep(warmup)
     cpu_before, began = tree_cpu(container.pid), time.monotonic()
+    harness_before, machine_before = _own_cpu(), machine_cpu()
     earlier = await _sessions(http, container)
     probe = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -167,6 +179,8 @@ async def _step(
     polled = json.loads((await probe.communicate())[0])
     sessions = await _sessions(http, container)
     cpu, elapsed = tree_cpu(container.pid) - cpu_before, time.monotonic() - began
+    harness = _own_cpu() - harness_before
+    idle = machine_cpu()[1] - machine_before[1]
     frames, audio_packets, audio_seconds = (
         b - a for a, b in zip(_totals(earlier), _totals(sessions), strict=True)
     )
@@ -201,7 +215,15 @@ async def _step(
         health_p99_ms=percentile(latencies, 0.99) or 0.0,
         health_failures=sum(1 for status in polled["statuses"] if status != 200),
         real_time=min(fps) >= 0.95 * source.fps and dropped / decoded <= 0.01,
+        harness_cores=harness / elapsed,
+        idle_cores=idle / elapsed,
     )
+
+
+def _own_cpu() -> float:
+    """CPU seconds of this process and of the children it has waited for (the /health probe)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
 
 
 async def start_streams(
