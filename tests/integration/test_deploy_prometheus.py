@@ -251,7 +251,7 @@ def test_dashboard_has_the_required_panels() -> None:
 
 def test_alert_rules_cover_the_failure_modes() -> None:
     exprs = " \n".join(expr for _, expr in rule_queries())
-    assert re.search(r'up\{job="byoc"\}\s*==\s*0', exprs)
+    assert re.search(r'up\{job=~"byoc\|byoc-runner"\}\s*==\s*0', exprs)
     assert 'byoc_state{state="ERROR"} == 1' in exprs
     assert re.search(r"byoc_sessions_active\s*>=\s*byoc_sessions_capacity", exprs)
     assert re.search(r"histogram_quantile\(0\.99,.*byoc_frame_latency_ms_bucket", exprs)

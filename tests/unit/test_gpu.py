@@ -284,6 +284,18 @@ def test_torch_memory_reads_each_device(monkeypatch: pytest.MonkeyPatch) -> None
     ]
 
 
+def test_a_pinned_process_reads_its_one_device_under_the_pinned_index(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # --gpu 3: CUDA shows that device alone, as device 0; the reading names it 3, as NVML's do
+    install_fake_torch(monkeypatch, FakeCuda(devices=1))
+    assert torch_memory(pinned=3) == [
+        TorchMemory(
+            index=3, allocated_bytes=100 * MIB, reserved_bytes=200 * MIB, peak_allocated_bytes=150 * MIB
+        )
+    ]
+
+
 def test_torch_memory_without_cuda_is_empty(monkeypatch: pytest.MonkeyPatch) -> None:
     cuda = FakeCuda(available=False)
     install_fake_torch(monkeypatch, cuda)

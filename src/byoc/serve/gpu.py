@@ -237,20 +237,25 @@ def _torch_cuda() -> Any | None:
     return cuda
 
 
-def torch_memory() -> list[TorchMemory]:
-    """This process's torch allocator per device; [] when torch is not imported or CUDA is unusable."""
+def torch_memory(pinned: int | None = None) -> list[TorchMemory]:
+    """This process's torch allocator per device; [] when torch is not imported or CUDA is unusable.
+
+    ``pinned``: the device ``--gpu`` chose. CUDA then shows only that one, as device 0, and its reading
+    carries the pinned index, the device's number in NVML's readings (``byoc_gpu_memory_bytes``)."""
     try:
         cuda = _torch_cuda()
         if cuda is None:
             return []
+        count = int(cuda.device_count())
+        names = {i: i for i in range(count)} if pinned is None else {0: pinned} if count else {}
         return [
             TorchMemory(
-                index=i,
+                index=name,
                 allocated_bytes=int(cuda.memory_allocated(i)),
                 reserved_bytes=int(cuda.memory_reserved(i)),
                 peak_allocated_bytes=int(cuda.max_memory_allocated(i)),
             )
-            for i in range(int(cuda.device_count()))
+            for i, name in names.items()
         ]
     except Exception as exc:
         logger.debug("torch memory reading failed: %s", exc, exc_info=True)

@@ -180,7 +180,7 @@ class Runtime:
         return self.gpu.devices()
 
     def torch_devices(self) -> Sequence[TorchMemory]:
-        return torch_memory()
+        return torch_memory(self.settings.gpu)
 
     def memory_limit(self) -> tuple[int, str]:
         return memory_limit()
