@@ -92,6 +92,9 @@ class _Sink:
     def write(self, segment: int, data: bytes) -> None:
         self.segments.setdefault(segment, bytearray()).extend(data)
 
+    def flush(self) -> None:
+        pass
+
     def end(self, segment: int, frames: int) -> None:
         pass
 

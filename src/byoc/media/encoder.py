@@ -79,7 +79,11 @@ _MAX_CONSECUTIVE_ERRORS = 30
 class OutputSink(Protocol):
     """Where encoded segments go. Called from the encoder thread."""
 
-    def write(self, segment: int, data: bytes) -> None: ...
+    def write(self, segment: int, data: bytes) -> None:
+        """More bytes of segment ``segment``; they may wait for the next :meth:`flush`."""
+
+    def flush(self) -> None:
+        """Hand on what was written: after each video frame, and before the encoder waits."""
 
     def end(self, segment: int, frames: int) -> None:
         """Segment ``segment`` is complete; it holds ``frames`` video frames."""
@@ -279,7 +283,10 @@ class Encoder(Stage):
             self._video_encoder()  # open the encoder now: the first frame must not wait for it
             while True:
                 try:
-                    item = self._source.get()
+                    item = self._source.get_nowait()
+                    if item is None:  # about to wait: what was muxed goes on first
+                        self._sink.flush()
+                        item = self._source.get()
                 except Closed:
                     break
                 if isinstance(item, VideoItem):
@@ -399,6 +406,7 @@ class Encoder(Stage):
         for packet in packets:
             packet.stream = self._video_stream
             container.mux(packet)
+        self._sink.flush()  # the frame, and the audio muxed since the last one, leave together
         self._frames_out += 1
         self._segment_frames += 1
         self._on_frame(item)

@@ -20,8 +20,10 @@ video frames), or :data:`FINISHED`."""
 class LoopSink:
     """The encoder's output, handed to the event loop in batches.
 
-    The encoder calls ``write``/``end``/``close`` from its thread; the loop is woken at most once per
-    batch, however many writes happened meanwhile, and takes everything at once with ``take``.
+    The encoder calls ``write``/``flush``/``end``/``close`` from its thread. A write alone wakes no one:
+    the loop is woken by ``flush``, ``end`` and ``close``, at most once however many items came since
+    it last took them, and takes everything at once with ``take``. So a frame's video packet and the
+    audio packets muxed since the previous frame leave in one wake-up and one write to the network.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -32,7 +34,11 @@ class LoopSink:
         self._wake_pending = False
 
     def write(self, segment: int, data: bytes) -> None:
-        self._push((segment, data))
+        with self._lock:
+            self._items.append((segment, data))
+
+    def flush(self) -> None:
+        self._push(None)
 
     def end(self, segment: int, frames: int) -> None:
         self._push((segment, frames))
@@ -40,10 +46,11 @@ class LoopSink:
     def close(self) -> None:
         self._push(FINISHED)
 
-    def _push(self, item: Item) -> None:
+    def _push(self, item: Item | None) -> None:
         with self._lock:
-            self._items.append(item)
-            if self._wake_pending:
+            if item is not None:
+                self._items.append(item)
+            if self._wake_pending or not self._items:
                 return
             self._wake_pending = True
         call_in_loop(self._loop, self._wake)
