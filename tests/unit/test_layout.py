@@ -29,7 +29,7 @@ def _modules(package: str) -> list[Path]:
 
 RULES = [
     # (package whose files are checked, module prefixes they must never import)
-    ("serve", ("byoc.dev",)),
+    ("serve", ("byoc.dev", "byoc.testing", "byoc.scaffold")),
     ("session", ("byoc.dev", "byoc.serve")),
     ("trickle", ("byoc.dev", "byoc.serve", "byoc.session")),
     ("media", ("byoc.dev", "byoc.serve", "byoc.session", "byoc.processor")),
