@@ -332,3 +332,16 @@ async def wait_until(
                 await asyncio.sleep(every)
     except TimeoutError:
         raise AssertionError(f"not within {timeout} s: {what}") from None
+
+
+@contextlib.asynccontextmanager
+async def serving_orchestrator(secret: str = "secret") -> AsyncIterator[FakeOrchestrator]:
+    """A :class:`FakeOrchestrator` served on loopback, its ``url`` set; a held unregister is released
+    when it stops."""
+    fake = FakeOrchestrator(secret)
+    async with serve_app(fake.app()) as url:
+        fake.url = url
+        try:
+            yield fake
+        finally:
+            fake.release.set()

@@ -6,12 +6,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.support import FakeOrchestrator, serve_app
+from tests.support import FakeOrchestrator, serving_orchestrator
 
 
 @pytest.fixture
 async def fake_orchestrator() -> AsyncIterator[FakeOrchestrator]:
-    fake = FakeOrchestrator()
-    async with serve_app(fake.app()) as url:
-        fake.url = url
+    async with serving_orchestrator() as fake:
         yield fake

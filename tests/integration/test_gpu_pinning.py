@@ -30,7 +30,7 @@ from byoc.serve.config import Settings
 from byoc.serve.gpu import GpuMonitor
 from byoc.serve.runtime import EXIT_CONFIG, Runtime
 from tests.fake_live_orchestrator import fake_live_orchestrator
-from tests.support import FakeOrchestrator, serve_app
+from tests.support import FakeOrchestrator, serving_orchestrator
 from tests.unit.test_gpu import FakeNvml
 from tests.unit.test_gpu_pinning import two_gpus
 
@@ -64,11 +64,8 @@ def cuda_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 async def orch() -> AsyncIterator[FakeOrchestrator]:
-    fake = FakeOrchestrator(SECRET)
-    async with serve_app(fake.app()) as url:
-        fake.url = url
+    async with serving_orchestrator(SECRET) as fake:
         yield fake
-        fake.release.set()
 
 
 @asynccontextmanager

@@ -17,7 +17,7 @@ from byoc.errors import ByocError, ConfigError
 from byoc.serve.config import Settings
 from byoc.serve.protocols.byoc import CapabilityInfo, Registrar
 from tests.integration.test_api import running
-from tests.support import FakeOrchestrator, serve_app
+from tests.support import FakeOrchestrator, serve_app, serving_orchestrator
 
 SECRET = "orch-S3cret/+= with space"
 NAME = "my-filter"
@@ -52,11 +52,8 @@ class FakeSleep:
 
 @pytest.fixture
 async def orch() -> AsyncIterator[FakeOrchestrator]:
-    fake = FakeOrchestrator(SECRET)
-    async with serve_app(fake.app()) as url:
-        fake.url = url
+    async with serving_orchestrator(SECRET) as fake:
         yield fake
-        fake.release.set()
 
 
 @pytest.fixture
