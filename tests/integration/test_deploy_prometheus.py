@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import posixpath
 import re
-import shutil
-import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,25 +26,16 @@ from tests.integration.deploy_support import (
     dockerfile_env,
     exported_names,
     load_yaml,
+    needs_promtool,
     promql_selectors,
+    promtool_series,
+    promtool_test_rules,
     rule_queries,
+    run_promtool,
     service,
 )
 
-PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None, reason="promtool is not installed (Debian: apt-get install prometheus)"
-)
-
-
 # --- promtool ----------------------------------------------------------------------------------
-
-
-def run_promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    assert PROMTOOL is not None
-    return subprocess.run(
-        [PROMTOOL, *args], capture_output=True, text=True, timeout=60, cwd=ROOT, check=False
-    )
 
 
 @needs_promtool
@@ -77,11 +66,6 @@ def test_promtool_accepts_every_dashboard_query(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def _series(name: str, labels: Mapping[str, str], values: str) -> dict[str, str]:
-    rendered = ",".join(f'{key}="{value}"' for key, value in labels.items())
-    return {"series": f"{name}{{{rendered}}}", "values": values}
-
-
 @needs_promtool
 def test_alerts_fire_on_trouble_and_stay_quiet_otherwise(tmp_path: Path) -> None:
     """promtool's rule unit tests on synthetic series (annotations dropped: only expressions matter)."""
@@ -106,25 +90,25 @@ def test_alerts_fire_on_trouble_and_stay_quiet_otherwise(tmp_path: Path) -> None
     critical = {"severity": "critical"}
     series = [
         # down for good, up for the other one
-        _series("up", bad, "0x20"),
-        _series("up", good, "1x20"),
+        promtool_series("up", bad, "0x20"),
+        promtool_series("up", good, "1x20"),
         # the broken container reports ERROR; the healthy one is OK
-        _series("byoc_state", {**bad, "state": "ERROR"}, "1x20"),
-        _series("byoc_state", {**good, "state": "ERROR"}, "0x20"),
-        _series("byoc_state", {**good, "state": "OK"}, "1x20"),
+        promtool_series("byoc_state", {**bad, "state": "ERROR"}, "1x20"),
+        promtool_series("byoc_state", {**good, "state": "ERROR"}, "0x20"),
+        promtool_series("byoc_state", {**good, "state": "OK"}, "1x20"),
         # full for 20 minutes vs half full
-        _series("byoc_sessions_active", bad, "4x25"),
-        _series("byoc_sessions_capacity", bad, "4x25"),
-        _series("byoc_sessions_active", good, "2x25"),
-        _series("byoc_sessions_capacity", good, "4x25"),
+        promtool_series("byoc_sessions_active", bad, "4x25"),
+        promtool_series("byoc_sessions_capacity", bad, "4x25"),
+        promtool_series("byoc_sessions_active", good, "2x25"),
+        promtool_series("byoc_sessions_capacity", good, "4x25"),
         # sessions but no frames vs frames flowing
-        _series("byoc_frames_out_total", bad, "1000x25"),
-        _series("byoc_frames_out_total", good, "0+1800x25"),
+        promtool_series("byoc_frames_out_total", bad, "1000x25"),
+        promtool_series("byoc_frames_out_total", good, "0+1800x25"),
         # GPU 95 % vs 50 % full
-        _series("byoc_gpu_memory_bytes", {**bad, "device": "0", "kind": "used"}, "95x20"),
-        _series("byoc_gpu_memory_bytes", {**bad, "device": "0", "kind": "total"}, "100x20"),
-        _series("byoc_gpu_memory_bytes", {**good, "device": "0", "kind": "used"}, "50x20"),
-        _series("byoc_gpu_memory_bytes", {**good, "device": "0", "kind": "total"}, "100x20"),
+        promtool_series("byoc_gpu_memory_bytes", {**bad, "device": "0", "kind": "used"}, "95x20"),
+        promtool_series("byoc_gpu_memory_bytes", {**bad, "device": "0", "kind": "total"}, "100x20"),
+        promtool_series("byoc_gpu_memory_bytes", {**good, "device": "0", "kind": "used"}, "50x20"),
+        promtool_series("byoc_gpu_memory_bytes", {**good, "device": "0", "kind": "total"}, "100x20"),
     ]
     # Frame latency: every frame of `bad` in the 66..100 ms bucket, every frame of `good` under 10 ms.
     for le, bad_values, good_values in (
@@ -133,8 +117,8 @@ def test_alerts_fire_on_trouble_and_stay_quiet_otherwise(tmp_path: Path) -> None
         ("100", "0+1800x25", "0+1800x25"),
         ("+Inf", "0+1800x25", "0+1800x25"),
     ):
-        series.append(_series("byoc_frame_latency_ms_bucket", {**bad, "le": le}, bad_values))
-        series.append(_series("byoc_frame_latency_ms_bucket", {**good, "le": le}, good_values))
+        series.append(promtool_series("byoc_frame_latency_ms_bucket", {**bad, "le": le}, bad_values))
+        series.append(promtool_series("byoc_frame_latency_ms_bucket", {**good, "le": le}, good_values))
 
     tests: list[dict[str, Any]] = [
         {
@@ -156,8 +140,8 @@ def test_alerts_fire_on_trouble_and_stay_quiet_otherwise(tmp_path: Path) -> None
             # but it is "sustained"
             "interval": "1m",
             "input_series": [
-                _series("byoc_errors_total", {**bad, "type": "process"}, "0x60 0+60x20"),
-                _series("byoc_errors_total", {**good, "type": "decode"}, "0+60x140"),
+                promtool_series("byoc_errors_total", {**bad, "type": "process"}, "0x60 0+60x20"),
+                promtool_series("byoc_errors_total", {**good, "type": "decode"}, "0+60x140"),
             ],
             "alert_rule_test": [
                 alert("ByocErrorRateRising", "75m", {**bad, **warning, "type": "process"}),
@@ -168,17 +152,11 @@ def test_alerts_fire_on_trouble_and_stay_quiet_otherwise(tmp_path: Path) -> None
         {
             # no byoc target at all
             "interval": "1m",
-            "input_series": [_series("up", {"job": ORCHESTRATOR_JOB, "instance": "o:7935"}, "1x10")],
+            "input_series": [promtool_series("up", {"job": ORCHESTRATOR_JOB, "instance": "o:7935"}, "1x10")],
             "alert_rule_test": [alert("ByocTargetMissing", "10m", {**warning, "job": BYOC_JOB})],
         },
     ]
-    test_path = tmp_path / "rules-test.yml"
-    test_path.write_text(
-        yaml.safe_dump({"rule_files": [str(rules_path)], "evaluation_interval": "1m", "tests": tests})
-    )
-    result = run_promtool("test", "rules", str(test_path))
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS" in result.stdout + result.stderr
+    promtool_test_rules(tmp_path, rules_path, tests)
 
 
 # --- dashboards and rules name only what byoc serve exports --------------------------------------
