@@ -10,9 +10,9 @@ import contextvars
 import logging
 import sys
 
-__all__ = ["StreamIdFilter", "configure_logging", "current_stream_id"]
+__all__ = ["LOG_FORMAT", "StreamIdFilter", "configure_logging", "current_stream_id"]
 
-_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(stream_id)s] %(message)s"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(stream_id)s] %(message)s"
 
 current_stream_id: contextvars.ContextVar[str] = contextvars.ContextVar("stream_id", default="-")
 
@@ -28,7 +28,7 @@ class StreamIdFilter(logging.Filter):
 
 def configure_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(_FORMAT))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler.addFilter(StreamIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

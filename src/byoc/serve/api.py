@@ -27,8 +27,10 @@ metrics) are snapshots that never wait for the main loop. This module does not i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -38,7 +40,8 @@ from aiohttp import web
 
 from byoc import __version__
 from byoc.errors import AdmissionRefused, InvalidRequest, ProcessorError, SessionExists, SessionNotFound
-from byoc.serve.health import HealthView, health_response
+from byoc.serve.health import HealthView, RuntimeState, health_response
+from byoc.serve.listener import HealthAnswer
 from byoc.serve.metrics import CONTENT_TYPE
 from byoc.serve.validation import (
     RequestLimits,
@@ -52,6 +55,7 @@ from byoc.session.stats import SessionStatistics
 from byoc.spec import StreamSpec
 
 __all__ = [
+    "REPORT_STALE_S",
     "ROUTES",
     "RUNTIME_ROUTES",
     "STREAM_ROUTES",
@@ -59,6 +63,7 @@ __all__ = [
     "Control",
     "Route",
     "build_app",
+    "health_answer",
     "read_body",
 ]
 
@@ -268,13 +273,33 @@ async def stream_status(request: web.Request) -> web.StreamResponse:
 # --- runtime routes -----------------------------------------------------------------------------
 
 
+REPORT_STALE_S = 5.0
+"""How long the listener process (byoc.serve.listener) gives the last answer it was sent; after that it
+says the runtime stopped reporting."""
+
+
+def _health_of(view: HealthView, settings: ApiSettings) -> tuple[int, dict[str, Any]]:
+    return health_response(
+        view, settings.health_style, healthy_while_draining=settings.healthy_while_draining
+    )
+
+
 async def health(request: web.Request) -> web.StreamResponse:
     control = _control(request)
-    settings = control.settings
-    status, body = health_response(
-        control.health(), settings.health_style, healthy_while_draining=settings.healthy_while_draining
-    )
+    status, body = _health_of(control.health(), control.settings)
     return _json(body, status=status)
+
+
+def health_answer(control: Control) -> HealthAnswer:
+    """``/health`` as the listener process gives it: this answer, and the ERROR one for when this
+    process has not sent another for :data:`REPORT_STALE_S`."""
+    view = control.health()
+    status, body = _health_of(view, control.settings)
+    silent = f"the runtime has not reported its state for over {REPORT_STALE_S:g}s"
+    stale_status, stale_body = _health_of(
+        dataclasses.replace(view, state=RuntimeState.ERROR, error=silent), control.settings
+    )
+    return HealthAnswer(status, body, stale_status, stale_body, time.monotonic(), REPORT_STALE_S)
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:

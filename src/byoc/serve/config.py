@@ -110,6 +110,12 @@ class Settings:
         10.0, "seconds a connection may take to send a request's headers, or stay idle between requests"
     )
     api_body_timeout_s: float = _setting(30.0, "seconds a request may take to send its body (408 after)")
+    api_listener: str = _setting(
+        "process",
+        "who accepts the API's connections: a small process of its own that answers GET /health without "
+        "waiting for this one and hands every other connection over (process), or this process (inline)",
+        choices=("process", "inline"),
+    )
     api_body_memory_bytes: int = _setting(
         8 * 1024 * 1024,
         "request bytes read at once over all connections; more wait briefly, then get 503",

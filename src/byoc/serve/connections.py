@@ -13,14 +13,14 @@ a thousand lines a second. :class:`AcceptErrorLog` logs one line per interval in
 from __future__ import annotations
 
 import asyncio
-import logging
 import resource
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+
+from byoc.serve.listener import ACCEPT_BACKLOG, AcceptErrorLog
 
 __all__ = [
     "ACCEPT_BACKLOG",
@@ -35,17 +35,12 @@ __all__ = [
     "connection_limits",
 ]
 
-log = logging.getLogger(__name__)
-
 BASE_FDS = 128
 """Descriptors the process needs besides the API and the sessions: the listening socket, logs, shared
 libraries, the processor's own files."""
 SESSION_FDS = 32
 """Descriptors one session may need: its trickle channels (each with a connection opened ahead),
 its threads' wake-up pipes, codec files."""
-ACCEPT_BACKLOG = 64
-"""The listening socket's backlog. asyncio accepts up to this many connections at once before any of
-them is admitted or evicts another, so the cap leaves room for twice as many descriptors."""
 HEALTH_PATH = "/health"
 HEALTH_SLOTS = 4
 """Connections beyond the cap that may ask for ``GET /health`` only."""
@@ -89,17 +84,20 @@ def connection_limits(
 class _Tracked(asyncio.Protocol):
     """aiohttp's protocol for one connection, seen by the guard as it opens, works and closes."""
 
-    def __init__(self, guard: ConnectionGuard, inner: asyncio.Protocol) -> None:
+    def __init__(self, guard: ConnectionGuard, inner: asyncio.Protocol, read: bytes = b"") -> None:
         self.guard = guard
         self.inner = inner
         self.transport: asyncio.BaseTransport | None = None
         self._admitted = False
+        self._read = read
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         self._admitted = self.guard.admit(self)
         if self._admitted:
             self.inner.connection_made(transport)
+            if self._read:  # what the listener process read before it handed the connection over
+                self.inner.data_received(self._read)
         else:
             transport.abort()  # type: ignore[attr-defined]
 
@@ -145,9 +143,10 @@ class ConnectionGuard:
     def open(self) -> int:
         return len(self._open)
 
-    def protocol(self, factory: Callable[[], asyncio.Protocol]) -> asyncio.Protocol:
-        """The protocol ``factory`` makes (aiohttp's), tracked by this guard."""
-        return _Tracked(self, factory())
+    def protocol(self, factory: Callable[[], asyncio.Protocol], read: bytes = b"") -> asyncio.Protocol:
+        """The protocol ``factory`` makes (aiohttp's), tracked by this guard; ``read``: bytes already
+        read from the connection (byoc.serve.listener), given to it first."""
+        return _Tracked(self, factory(), read)
 
     def admit(self, tracked: _Tracked) -> bool:
         """Whether a new connection may stay: at the cap the oldest idle one goes first."""
@@ -190,34 +189,3 @@ class ConnectionGuard:
             return await handler(request)
         finally:
             self._busy.discard(connection)
-
-
-class AcceptErrorLog:
-    """An event loop exception handler that logs failed ``accept()`` calls at most once an interval.
-
-    Every other exception goes to the loop's default handler.
-    """
-
-    def __init__(self, interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self._interval = interval_s
-        self._clock = clock
-        self._last: float | None = None
-        self._suppressed = 0
-
-    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        if not str(context.get("message", "")).startswith("socket.accept()"):
-            loop.default_exception_handler(context)
-            return
-        now = self._clock()
-        if self._last is not None and now - self._last < self._interval:
-            self._suppressed += 1
-            return
-        exc = context.get("exception")
-        log.error(
-            "the API cannot accept connections: %s (%d more such failures not logged in the last %.0f s)",
-            exc,
-            self._suppressed,
-            self._interval,
-        )
-        self._last = now
-        self._suppressed = 0

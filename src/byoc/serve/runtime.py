@@ -39,7 +39,7 @@ from byoc import __version__
 from byoc.errors import ByocError, ConfigError
 from byoc.isolation.pool import PoolSettings, WorkerPool, recycle_reason
 from byoc.processor import Processor, load_processor
-from byoc.serve.api import build_app
+from byoc.serve.api import build_app, health_answer
 from byoc.serve.apiserver import ApiServer
 from byoc.serve.config import Settings
 from byoc.serve.connections import connection_limits
@@ -223,6 +223,12 @@ class Runtime:
         """Start the ordered shutdown (what SIGTERM does): from now on /health and starts say 503."""
         self._draining = True
         self._drain_requested.set()
+        self.health_changed()
+
+    def health_changed(self) -> None:
+        """Pass a change that no request made on to the listener process's ``/health`` at once."""
+        if self._api is not None:
+            self._api.health_changed()
 
     async def serve(self, shutdown: Awaitable[object] | None = None) -> int:
         """Serve until SIGTERM/SIGINT, :meth:`request_drain` or ``shutdown``; returns the exit code."""
@@ -258,7 +264,14 @@ class Runtime:
                 self.settings, http=http, control=control, view=self, api_loop=lambda: self._api_loop()
             )
             app = build_app(control, self._adapter.routes())
-            self._api = ApiServer(app, self.settings.host, self.settings.port, limits)
+            self._api = ApiServer(
+                app,
+                self.settings.host,
+                self.settings.port,
+                limits,
+                health=(lambda: health_answer(control)) if self.settings.api_listener == "process" else None,
+                log_level=self.settings.log_level,
+            )
             self.port = await self._api.start()
             await self._guard_channels(control, self.port)
             log.info(
@@ -336,6 +349,7 @@ class Runtime:
             load.result()
         except Exception as exc:
             self._error = f"processor failed to load: {exc}"
+            self.health_changed()
             log.error("%s", self._error, exc_info=not isinstance(exc, ByocError))
             return EXIT_LOAD_FAILED
         async with asyncio.TaskGroup() as tasks:
@@ -360,6 +374,7 @@ class Runtime:
             await self._start_workers()
             self._loading = False
             self._ready.set()
+            self.health_changed()
             log.info("processor %s ready in %.2fs (process isolation)", reference, time.monotonic() - started)
             return
         if self._processor is None:
@@ -376,6 +391,7 @@ class Runtime:
         self.manager.processor = processor
         self._loading = False
         self._ready.set()
+        self.health_changed()
         log.info("processor %s ready in %.2fs", reference, time.monotonic() - started)
 
     async def _start_workers(self) -> None:
@@ -425,6 +441,7 @@ class Runtime:
         (seen while idle) or served ``recycle_after_sessions`` is recycled. The container takes no new
         session, and once the running ones have ended it drains and exits 0, for its supervisor to start a
         fresh one. Worker processes recycle themselves (byoc.isolation)."""
+        self.health_changed()
         if self._pool is not None or self._draining or self._manager is None:
             return
         if not self._recycling:

@@ -62,6 +62,10 @@ class RuntimeView(Protocol):
         """Where the orchestrator reaches this container's API (no trailing slash)."""
         ...
 
+    def health_changed(self) -> None:
+        """The adapter's :attr:`ProtocolAdapter.state` changed: ``/health`` shows it at once."""
+        ...
+
 
 class SessionControl(Protocol):
     """The session commands an adapter may give; called on the API thread (byoc.serve.control)."""

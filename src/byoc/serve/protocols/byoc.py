@@ -152,7 +152,9 @@ class Registrar:
         heartbeat_interval_s: float = 5.0,
         request_timeout_s: float = 5.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        on_state: Callable[[RegistrarState], None] = lambda state: None,
     ) -> None:
+        """``on_state`` is called with every new :attr:`state`."""
         self._base = orchestrator_url.rstrip("/")
         if not self._base.startswith(("http://", "https://")):
             raise ConfigError(f"orchestrator_url must be an http(s) URL, got {orchestrator_url!r}")
@@ -171,6 +173,7 @@ class Registrar:
         self._heartbeat = heartbeat_interval_s
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s)
         self._sleep = sleep
+        self._on_state = on_state
         self._state = RegistrarState.UNREGISTERED
         self._last_error: str | None = None
         self._failures = 0  # consecutive retryable failures, for rate-limited warnings
@@ -178,7 +181,12 @@ class Registrar:
 
     @classmethod
     def from_settings(
-        cls, http: aiohttp.ClientSession, settings: Settings, *, device: str | None = None
+        cls,
+        http: aiohttp.ClientSession,
+        settings: Settings,
+        *,
+        device: str | None = None,
+        on_state: Callable[[RegistrarState], None] = lambda state: None,
     ) -> Registrar:
         secret = settings.secret()
         if not settings.orchestrator_url or secret is None:
@@ -190,11 +198,16 @@ class Registrar:
             CapabilityInfo.from_settings(settings, device=device),
             reregister_interval_s=settings.reregister_interval_s,
             heartbeat_interval_s=settings.heartbeat_interval_s,
+            on_state=on_state,
         )
 
     @property
     def state(self) -> RegistrarState:
         return self._state
+
+    def _enter(self, state: RegistrarState) -> None:
+        self._state = state
+        self._on_state(state)
 
     @property
     def last_error(self) -> str | None:
@@ -207,7 +220,7 @@ class Registrar:
     async def register_once(self) -> None:
         """One ``POST /capability/register``: ConfigError on 400, a retryable ByocError on anything else."""
         if self._state is RegistrarState.UNREGISTERED:
-            self._state = RegistrarState.REGISTERING
+            self._enter(RegistrarState.REGISTERING)
         name = self.capability.name
         body = json.dumps(self.capability.body()).encode()
         try:
@@ -224,7 +237,7 @@ class Registrar:
             self._announced, self._failures = True, 0
             return
         if status == 400:
-            self._state = RegistrarState.REFUSED
+            self._enter(RegistrarState.REFUSED)
             if text.startswith("invalid authorization"):
                 reason = "refused the secret (check orch_secret: it is sent raw, without 'Bearer ')"
             else:
@@ -290,7 +303,7 @@ class Registrar:
         if status != 200:
             log.warning("unregistering %r from %s: answered %d %r", name, self._shown, status, text)
             return
-        self._state = RegistrarState.UNREGISTERED_ON_SHUTDOWN
+        self._enter(RegistrarState.UNREGISTERED_ON_SHUTDOWN)
         log.info("unregistered capability %r from %s", name, self._shown)
 
     # --- internals ----------------------------------------------------------------------------------
@@ -310,7 +323,7 @@ class Registrar:
                     return True
                 await self.check_once()
                 if self._state is RegistrarState.UNREACHABLE:
-                    self._state = RegistrarState.PENDING
+                    self._enter(RegistrarState.PENDING)
                     log.info("orchestrator %s answers again; registering once no session runs", self._shown)
             except ConfigError as exc:
                 log.error("%s; giving up on registration", exc)
@@ -355,7 +368,7 @@ class Registrar:
         return kind(message)
 
     def _unreachable(self, detail: str) -> ByocError:
-        self._state = RegistrarState.UNREACHABLE
+        self._enter(RegistrarState.UNREACHABLE)
         return self._failed(_RetryableError, detail)
 
     def _redact(self, text: str) -> str:
@@ -387,7 +400,9 @@ class ByocProtocol:
         self._running = asyncio.current_task()
         index = self._settings.gpu
         device = None if index is None else device_label(index, self._view.gpu_devices())
-        self._registrar = Registrar.from_settings(self._http, self._settings, device=device)
+        self._registrar = Registrar.from_settings(
+            self._http, self._settings, device=device, on_state=lambda _: self._view.health_changed()
+        )
         await self._registrar.run(is_idle=lambda: self._view.offer().running == 0)
 
     async def withdraw(self) -> None:

@@ -207,6 +207,10 @@ class LiveRunner:
     def state(self) -> str:
         return self._state
 
+    def _enter(self, state: str) -> None:
+        self._state = state
+        self._view.health_changed()
+
     async def run(self) -> None:
         await run_on_loop(self._api_loop(), self._serve())
 
@@ -223,7 +227,7 @@ class LiveRunner:
         async with create_client_session(self._settings.trickle()) as http:
             self._http = http
             if self._static:
-                self._state = "static"
+                self._enter("static")
             else:
                 self._heartbeat = asyncio.create_task(self._heartbeats(), name="live-runner-heartbeat")
             try:
@@ -240,7 +244,7 @@ class LiveRunner:
             try:
                 await self._beat()
             except _Refused as exc:
-                self._state = "refused"
+                self._enter("refused")
                 log.error("%s; the runner is not registered", self._redact(str(exc)))
                 return
             except _Unreachable as exc:
@@ -403,7 +407,8 @@ class LiveRunner:
                 self._interval or _FALLBACK_INTERVAL_S,
                 f"{self._ttl:g}s" if self._ttl is not None else "unknown",
             )
-        self._state, self._failures = "registered", 0
+        self._failures = 0
+        self._enter("registered")
 
     def _timers(self, answer: dict[str, Any]) -> None:
         interval = parse_go_duration(answer.get("heartbeat_interval"))
@@ -437,7 +442,7 @@ class LiveRunner:
         self._spawn(self._control.end(session.session_id, EndReason.STOPPED), session.session_id)
 
     def _note_failure(self, exc: ByocError) -> None:
-        self._state = "unreachable"
+        self._enter("unreachable")
         self._failures += 1
         if self._failures == 1 or self._failures % _WARN_EVERY == 0:
             log.warning("%s (failure %d in a row); retrying", self._redact(str(exc)), self._failures)
@@ -647,7 +652,7 @@ class LiveRunner:
                 log.warning("could not unregister live runner %s: %s", registration.runner_id, exc)
             else:
                 if status < 300:
-                    self._state = "unregistered_on_shutdown"
+                    self._enter("unregistered_on_shutdown")
                     log.info("unregistered live runner %s", registration.runner_id)
                 else:
                     log.warning("unregistering live runner %s: answered %d", registration.runner_id, status)
