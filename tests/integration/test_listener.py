@@ -22,8 +22,8 @@ import aiohttp
 import pytest
 
 from byoc.dev.procs import descendants
-from byoc.serve import listener
 from byoc.dev.trickle_server import RunningTrickle
+from byoc.serve import listener
 from byoc.serve.api import REPORT_STALE_S
 from tests.integration.test_api import body_for, call, running
 from tests.support import StreamHarness
