@@ -4,13 +4,19 @@ latency figures are for the README, not asserted here; what came out is)."""
 from __future__ import annotations
 
 import json
+import pstats
 import subprocess
 import sys
+from pathlib import Path
 
 
-def test_bench_pipeline_reports_both_measurements_and_the_audio() -> None:
+def test_bench_pipeline_reports_both_measurements_and_the_audio(tmp_path: Path) -> None:
+    profile = tmp_path / "session.prof"
     result = subprocess.run(
-        [sys.executable, "-m", "byoc", "bench", "pipeline", "--seconds", "2", "--json"],
+        [
+            *(sys.executable, "-m", "byoc", "bench", "pipeline", "--seconds", "2", "--json"),
+            *("--profile-session", str(profile)),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -25,3 +31,7 @@ def test_bench_pipeline_reports_both_measurements_and_the_audio() -> None:
     assert report["raw_cpu_ms_per_frame"] > 0
     assert abs(report["ratio"] - report["session_cpu_ms_per_frame"] / report["raw_cpu_ms_per_frame"]) < 0.01
     assert report["added_latency_ms_p50"] > 0
+    # the session's event loop, profiled: its iterations and the session's input pump are counted
+    counted = {name: calls for (_, _, name), (_, calls, *_) in pstats.Stats(str(profile)).stats.items()}  # type: ignore[attr-defined]
+    assert counted["_run_once"] > 60
+    assert counted["_pump_input"] >= 1

@@ -185,10 +185,12 @@ def _raw_cpu_ms_per_frame(data: bytes, settings: EncoderSettings, *, fps: float 
     return (time.process_time() - start) * 1000 / max(frames, 1), frames
 
 
-async def _child_process(*args: str) -> dict[str, Any]:
-    """Run ``python -m byoc.dev.bench.pipeline ARGS`` and return the JSON it prints last."""
+async def _child_process(*args: str, profile: str | None = None) -> dict[str, Any]:
+    """Run ``python -m byoc.dev.bench.pipeline ARGS`` and return the JSON it prints last; with
+    ``profile``, under cProfile (its main thread: the session's event loop), the statistics to that file."""
+    profiler = ["-m", "cProfile", "-o", profile] if profile else []
     process = await asyncio.create_subprocess_exec(
-        sys.executable, *_CHILD_COMMAND, *args, stdout=asyncio.subprocess.PIPE
+        sys.executable, *profiler, *_CHILD_COMMAND, *args, stdout=asyncio.subprocess.PIPE
     )
     out, _ = await process.communicate()
     if process.returncode != 0:
@@ -198,10 +200,16 @@ async def _child_process(*args: str) -> dict[str, Any]:
 
 
 async def run_pipeline_bench(
-    seconds: float = 20, *, input_name: str = DEFAULT_INPUT, delivery: str = DEFAULT_DELIVERY
+    seconds: float = 20,
+    *,
+    input_name: str = DEFAULT_INPUT,
+    delivery: str = DEFAULT_DELIVERY,
+    profile_session: str | None = None,
 ) -> PipelineReport:
     """Both measurements on ``seconds`` of input ``input_name`` (see :mod:`byoc.dev.bench.inputs`),
-    published with ``delivery`` (``spread`` or ``burst``)."""
+    published with ``delivery`` (``spread`` or ``burst``); ``profile_session``: a file for cProfile's
+    statistics of the session process's event loop (it slows that loop: its figures are not the
+    session's cost)."""
     if delivery not in DELIVERY_CHOICES:
         raise ValueError(f"delivery must be one of {', '.join(DELIVERY_CHOICES)}, got {delivery!r}")
     source: BenchInput = await asyncio.to_thread(bench_input, input_name, seconds)
@@ -213,7 +221,7 @@ async def run_pipeline_bench(
         for role, name in channels.names().items():
             trickle.server.create_channel(name, channels.mime_type(role))
         spec = channels.container_urls(trickle.base_url)
-        child = asyncio.create_task(_child_process("--child", json.dumps(spec)))
+        child = asyncio.create_task(_child_process("--child", json.dumps(spec), profile=profile_session))
         await trickle.server.wait_for_request(
             lambda r: (r.method, r.channel) == ("GET", channels.name("input")), timeout=30
         )
@@ -328,6 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20, help="seconds of input (whole segments)")
     add_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--profile-session",
+        metavar="PATH",
+        help="write cProfile statistics of the session process's event loop to PATH "
+        "(read them with python -m pstats; the profiler slows the loop)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--raw", help=argparse.SUPPRESS)
     parser.add_argument("--raw-fps", type=float, default=30.0, help=argparse.SUPPRESS)
@@ -340,7 +354,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"cpu_ms_per_frame": ms, "frames": frames}))
         return 0
     try:
-        report = asyncio.run(run_pipeline_bench(args.seconds, input_name=args.input, delivery=args.delivery))
+        report = asyncio.run(
+            run_pipeline_bench(
+                args.seconds,
+                input_name=args.input,
+                delivery=args.delivery,
+                profile_session=args.profile_session,
+            )
+        )
     except FfmpegNotFound as exc:
         print(f"byoc bench pipeline: {exc}", file=sys.stderr)
         return 2
