@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 from byoc.logs import LOG_FORMAT
@@ -68,6 +69,7 @@ class ListenerProcess:
         finally:
             theirs.close()
         self._link = ours
+        self._sending = threading.Lock()  # a send from another thread never races the close
         self._on_connection = on_connection
         self._loop = asyncio.get_running_loop()
         self._stopping = False
@@ -81,8 +83,9 @@ class ListenerProcess:
 
     def publish(self, answer: HealthAnswer) -> None:
         """Tell the listener the current ``/health`` answer (any thread; never waits)."""
-        with contextlib.suppress(OSError):  # full (the next one replaces it) or closed
-            self._link.send(answer.encode())
+        message = answer.encode()
+        with self._sending, contextlib.suppress(OSError):  # full (the next one replaces it) or closed
+            self._link.send(message)
 
     def _receive(self) -> None:
         while True:
@@ -121,7 +124,8 @@ class ListenerProcess:
         self._stopping = True
         with contextlib.suppress(ValueError, OSError):
             self._loop.remove_reader(self._link.fileno())
-        self._link.close()
+        with self._sending:
+            self._link.close()
         try:
             await asyncio.to_thread(self.process.wait, _STOP_WAIT_S)
         except subprocess.TimeoutExpired:
