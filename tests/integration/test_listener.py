@@ -120,35 +120,46 @@ async def test_inline_the_health_answers_wait_for_the_interpreter() -> None:
     assert any(a.get("status") == 200 for a in got)
 
 
-async def test_requests_after_health_on_one_connection_reach_the_runtime_in_order() -> None:
-    async with running() as (_, url):
-        host, port = url.removeprefix("http://").split(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
-        big = json.dumps({"model_id": "x" * 40_000}).encode()  # more than the listener reads at once
+async def exchange(url: str, request: bytes) -> list[tuple[int, dict[bytes, bytes], dict[str, Any]]]:
+    """Send ``request`` (one or more pipelined requests) on one connection and read until the server
+    closes it: each answer's status, headers and JSON body."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(request)
+    async with asyncio.timeout(15):
+        raw = await reader.read()
+    writer.close()
+    answers = []
+    while raw:
+        head, _, raw = raw.partition(b"\r\n\r\n")
+        fields = dict(line.lower().split(b": ", 1) for line in head.split(b"\r\n")[1:])
+        length = int(fields[b"content-length"])
+        answers.append((int(head.split(b" ")[1]), fields, json.loads(raw[:length])))
+        raw = raw[length:]
+    return answers
+
+
+async def test_health_is_answered_on_keep_alive_and_any_other_request_goes_to_the_runtime_once() -> None:
+    async with running() as (runtime, url):
+        await runtime.wait_ready()
         pipelined = (
             b"GET /health HTTP/1.1\r\nHost: byoc\r\n\r\n"
             b"GET /health?probe=1 HTTP/1.1\r\nHost: byoc\r\n\r\n"
             b"GET /version HTTP/1.1\r\nHost: byoc\r\n\r\n"
-            + f"POST /stream/start HTTP/1.1\r\nHost: byoc\r\nContent-Length: {len(big)}\r\n\r\n".encode()
-            + big
-            + b"GET /health HTTP/1.1\r\nHost: byoc\r\nConnection: close\r\n\r\n"
+            b"GET /health HTTP/1.1\r\nHost: byoc\r\n\r\n"
         )
-        writer.write(pipelined)
-        async with asyncio.timeout(15):
-            raw = await reader.read()
-        writer.close()
-    bodies = []
-    for _ in range(5):
-        head, _, raw = raw.partition(b"\r\n\r\n")
-        fields = dict(line.lower().split(b": ", 1) for line in head.split(b"\r\n")[1:])
-        length = int(fields[b"content-length"])
-        bodies.append((int(head.split(b" ")[1]), json.loads(raw[:length])))
-        raw = raw[length:]
-    assert [status for status, _ in bodies] == [200, 200, 200, 400, 200]
-    assert bodies[0][1]["status"] == bodies[1][1]["status"] == bodies[4][1]["status"] == "ok"
-    assert bodies[2][1]["pipeline"] == "byoc"
-    assert bodies[3][1]["field"] == "gateway_request_id"  # the whole body reached the runtime's checks
-    assert raw == b""
+        answers = await exchange(url, pipelined)
+        big = json.dumps({"model_id": "x" * 40_000}).encode()  # more than the listener reads at once
+        post = f"POST /stream/start HTTP/1.1\r\nHost: byoc\r\nContent-Length: {len(big)}\r\n\r\n"
+        ((status, fields, body),) = await exchange(url, post.encode() + big)
+    assert [(a[0], a[2].get("status")) for a in answers[:2]] == [(200, "ok"), (200, "ok")]
+    assert b"connection" not in answers[0][1]  # the listener keeps the connection
+    # the runtime answers the first other request and closes: the next request comes through the
+    # listener again, on a new connection
+    assert len(answers) == 3
+    assert (answers[2][0], answers[2][2]["pipeline"], answers[2][1][b"connection"]) == (200, "byoc", b"close")
+    assert (status, body["field"]) == (400, "gateway_request_id")  # the whole body reached the checks
+    assert fields[b"connection"] == b"close"
 
 
 async def test_a_start_is_in_the_listener_health_before_its_answer(

@@ -6,9 +6,10 @@ work to the main loop through byoc.serve.control.RuntimeControl and wait for it 
 
 With a ``health`` source, a listener process (byoc.serve.listener) owns the listening sockets and
 answers ``GET /health`` without ever waiting for this process's interpreter; every other connection
-comes here through it. This server keeps it told of the answer: every 100 ms, after every other
-request it served, and whenever :meth:`ApiServer.health_changed` is called. Should the listener
-process end, or not start, this server accepts on its sockets itself.
+comes here through it, for one request (its answer says ``Connection: close``). This server keeps the
+listener told of the answer: every 100 ms, after every other request it served, and whenever
+:meth:`ApiServer.health_changed` is called. Should the listener process end, or not start, this server
+accepts on its sockets itself.
 """
 
 from __future__ import annotations
@@ -88,12 +89,6 @@ class ApiServer:
         self._thread.start()
         return await asyncio.wrap_future(self._started)
 
-    @property
-    def listener_pid(self) -> int | None:
-        """The listener process's pid while it serves; None when this server accepts itself."""
-        listener = self._listener
-        return listener.pid if listener is not None and not listener.gone.is_set() else None
-
     def health_changed(self) -> None:
         """Tell the listener process the current ``/health`` answer now (any thread; never waits)."""
         if self._listener is not None and self._health is not None:
@@ -101,12 +96,18 @@ class ApiServer:
 
     @web.middleware
     async def _told_after(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
-        """Whatever a request changed is in the listener's ``/health`` before the client has its answer."""
+        """Whatever a request changed is in the listener's ``/health`` before the client has its answer;
+        and the connection closes after it, so that the client's next request (a health check, say)
+        comes through the listener again rather than waiting for this interpreter."""
         try:
-            return await handler(request)
+            response = await handler(request)
         finally:
             if request.path != HEALTH_PATH:
                 self.health_changed()
+        listener = self._listener
+        if listener is not None and not listener.gone.is_set() and not response.prepared:
+            response.force_close()
+        return response
 
     async def stop(self, timeout: float = 2.0) -> None:  # noqa: ASYNC109
         """Stop listening and end the thread."""

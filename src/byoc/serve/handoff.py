@@ -77,10 +77,6 @@ class ListenerProcess:
         """Set when the listener process ended (or broke the link) while not being stopped."""
         self._loop.add_reader(ours.fileno(), self._receive)
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
     def publish(self, answer: HealthAnswer) -> None:
         """Tell the listener the current ``/health`` answer (any thread; never waits)."""
         message = answer.encode()

@@ -163,7 +163,7 @@ class _Listener:
         self.answer: HealthAnswer | None = None
         self.clients: dict[_Client, None] = {}  # oldest first
         self.gone = asyncio.Event()
-        self.handed = self.failed_handoffs = 0
+        self.handed = 0
 
     def read_link(self) -> None:
         """Take every message the runtime sent; the latest answer wins. An empty read: it is gone."""
@@ -202,16 +202,15 @@ class _Listener:
     def release(self, client: _Client) -> None:
         self.clients.pop(client, None)
 
-    def hand_off(self, sock: socket.socket, read: bytes) -> bool:
-        """Send the connection and what was read from it to the runtime; False if it cannot take it."""
+    def hand_off(self, sock: socket.socket, read: bytes) -> None:
+        """Send the connection and what was read from it to the runtime (if it cannot take it, the
+        connection is closed with this process's descriptor)."""
         try:
             socket.send_fds(self.link, [read], [sock.fileno()])
         except OSError as exc:
-            self.failed_handoffs += 1
             log.error("could not hand a connection to the runtime (%s); it is closed", exc)
-            return False
+            return
         self.handed += 1
-        return True
 
 
 class _Client(asyncio.BufferedProtocol):
