@@ -133,12 +133,21 @@ def is_health_request(head: bytes) -> bool | None:
     return method == b"GET" and path == b"/health" and version in (b"HTTP/1.1", b"HTTP/1.0")
 
 
-def _headers(head: bytes) -> dict[bytes, bytes]:
-    fields: dict[bytes, bytes] = {}
+def _headers(head: bytes) -> list[tuple[bytes, bytes]]:
+    """Every header of ``head`` (the request line first), names and values in lower case."""
+    fields = []
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
-        fields[name.strip().lower()] = value.strip().lower()
+        fields.append((name.strip().lower(), value.strip().lower()))
     return fields
+
+
+def _has_body(fields: list[tuple[bytes, bytes]]) -> bool:
+    """Whether any header announces a body (every Content-Length counts, not only the last)."""
+    for name, value in fields:
+        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+            return True
+    return False
 
 
 def _response(status: int, body: dict[str, Any], keep_alive: bool) -> bytes:
@@ -275,7 +284,7 @@ class _Client(asyncio.BufferedProtocol):
                 return
             head = read[:end]
             fields = _headers(head)
-            if b"transfer-encoding" in fields or fields.get(b"content-length", b"0") != b"0":
+            if _has_body(fields):
                 self._hand_off(read)  # a body: not a request this process reads
                 return
             rest = read[end + 4 :]
@@ -283,10 +292,10 @@ class _Client(asyncio.BufferedProtocol):
             self._filled = len(rest)
             self._answer(head, fields)
 
-    def _answer(self, head: bytes, fields: dict[bytes, bytes]) -> None:
+    def _answer(self, head: bytes, fields: list[tuple[bytes, bytes]]) -> None:
         assert self._transport is not None
         http_10 = head[: head.find(b"\r\n")].endswith(b"HTTP/1.0")
-        connection = fields.get(b"connection", b"")
+        connection = next((value for name, value in fields if name == b"connection"), b"")
         keep_alive = connection == b"keep-alive" if http_10 else connection != b"close"
         status, body = self._listener.health()
         self._transport.write(_response(status, body, keep_alive))
