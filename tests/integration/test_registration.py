@@ -110,11 +110,18 @@ async def run_briefly(task: Callable[[], Any]) -> None:
 async def test_register_sends_exact_body_raw_secret_and_no_trailing_slashes(
     client: aiohttp.ClientSession, orch: FakeOrchestrator
 ) -> None:
-    reg = registrar(client, orch, capability=capability(price_per_unit=7, price_scaling=1000, currency="eth"))
+    seen: list[str] = []  # /health is told of every state (byoc.serve.listener answers from them)
+    reg = registrar(
+        client,
+        orch,
+        capability=capability(price_per_unit=7, price_scaling=1000, currency="eth"),
+        on_state=lambda state: seen.append(str(state)),
+    )
     assert reg.state == "unregistered"
     await reg.register_once()
 
     assert reg.state == "registered"
+    assert seen == ["registering", "registered"]
     assert reg.last_error is None
     [request] = orch.requests
     assert request.path == "/capability/register"  # not //capability/register from the trailing slash
@@ -217,9 +224,11 @@ async def test_wrong_secret_is_a_config_error_and_run_gives_up_with_one_error_li
 
     caplog.clear()
     sleep = FakeSleep()
-    reg = registrar(client, orch, secret=wrong, sleep=sleep)
+    seen: list[str] = []
+    reg = registrar(client, orch, secret=wrong, sleep=sleep, on_state=lambda state: seen.append(str(state)))
     await run_briefly(lambda: reg.run(lambda: True))
     assert reg.state == "refused"
+    assert seen == ["registering", "refused"]
     assert sleep.delays == []
     assert len(orch.registers()) == 2
     [error] = records(caplog, logging.ERROR)

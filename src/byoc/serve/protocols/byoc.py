@@ -231,7 +231,8 @@ class Registrar:
                 hint = f" (an orchestrator without a price feed drops the connection for {currency!r})"
             raise self._unreachable(self._describe(exc) + hint) from exc
         if 200 <= status < 300:  # the body is "ok" although Content-Type says JSON: not parsed
-            self._state, self._last_error = RegistrarState.REGISTERED, None
+            self._last_error = None
+            self._enter(RegistrarState.REGISTERED)
             level = logging.INFO if not self._announced or self._failures else logging.DEBUG
             log.log(level, "registered capability %r (%s) with %s", name, self.capability.url, self._shown)
             self._announced, self._failures = True, 0
