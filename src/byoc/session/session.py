@@ -40,8 +40,8 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable, Coroutine, Mapping
-from typing import Any, ParamSpec, Protocol, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, ParamSpec, Protocol
 
 import aiohttp
 
@@ -50,7 +50,6 @@ from byoc.errors import (
     ChannelGone,
     InvalidRequest,
     ProcessorError,
-    RetriesExhausted,
     TrickleError,
 )
 from byoc.logs import current_stream_id
@@ -63,12 +62,12 @@ from byoc.params import check_params_size, check_update
 from byoc.params import max_fps as parse_max_fps
 from byoc.processor import Processor, SessionContext
 from byoc.session.events import final_event, params_digest, status_event
+from byoc.session.output import OutputPump
 from byoc.session.policy import FailureBudget, trickle_failure
-from byoc.session.sink import FINISHED, LoopSink, coalesce
+from byoc.session.sink import LoopSink
 from byoc.session.stats import (
     AudioCounts,
     LatencyWindow,
-    OutputLosses,
     RateMeter,
     SessionStatistics,
     TrickleCounts,
@@ -78,7 +77,7 @@ from byoc.spec import EndReason, SessionSettings, StreamSpec
 from byoc.threads import call_in_loop
 from byoc.trickle.channels import ControlReader, DataWriter, EventsWriter, encode_data_lines
 from byoc.trickle.layout import Role
-from byoc.trickle.publisher import PublishSegment, TricklePublisher
+from byoc.trickle.publisher import TricklePublisher
 from byoc.trickle.subscriber import TrickleSubscriber
 
 __all__ = ["Session", "SessionObserver", "SessionState"]
@@ -94,7 +93,6 @@ _CLOSE_GRACE_S = 0.2
 _CLEANUP_S = 1.0
 """Of the drain timeout, what the end keeps for the final event and the DELETEs (a quarter of it when
 that is less); they get at least this long even when the drain used up its time."""
-_T = TypeVar("_T")
 
 
 class SessionState(enum.StrEnum):
@@ -205,11 +203,6 @@ class Session:
         self._subscribers: list[TrickleSubscriber] = []
         self._publishers: list[TricklePublisher] = []
         self._end_by: float | None = None  # stop() + drain_timeout_s: when the session must have ended
-        self._output_budget = FailureBudget(s.output_failure_budget_s, EndReason.OUTPUT_UNREACHABLE)
-        self._output_step: asyncio.Timeout | None = None  # the output's publishing step in progress
-        self._output_cut_off = False  # past the drain deadline: no more output is sent
-        self._lost_segments: Counter[str] = Counter()  # guarded by _errors_lock
-        self._lost_frames: Counter[str] = Counter()
         sink = _WeakSink(self)
         self.context = SessionContext(spec.stream_id, spec.width, spec.height, dict(spec.params), sink)
         self._params = dict(spec.params)
@@ -250,6 +243,15 @@ class Session:
             on_processed=self._observer.processed,
         )
         self._sink = LoopSink(self._loop)
+        self._output = OutputPump(
+            spec.stream_id,
+            self._sink,
+            FailureBudget(s.output_failure_budget_s, EndReason.OUTPUT_UNREACHABLE),
+            on_error=_weakly(self._error),
+            on_gone=_weakly(self._output_gone),
+            on_given_up=_weakly(self._output_given_up),
+            on_first_segment=_weakly(self._first_output_segment),
+        )
         self._encoder: Encoder | None = None
         if has_output:
             self._encoder = Encoder(
@@ -445,7 +447,7 @@ class Session:
             last_error=self._last_error or worker.last_error,
             end_reason=str(self._reason) if self._reason and self._state is SessionState.ENDED else None,
             trickle=self._trickle_counts(),
-            output_lost=self._output_losses(),
+            output_lost=self._output.losses(),
             audio=AudioCounts(
                 encoder.audio_frames_in,
                 encoder.audio_seconds_in,
@@ -456,10 +458,6 @@ class Session:
             if encoder
             else AudioCounts(),
         )
-
-    def _output_losses(self) -> OutputLosses:
-        with self._errors_lock:
-            return OutputLosses(dict(self._lost_segments), dict(self._lost_frames))
 
     def _trickle_counts(self) -> TrickleCounts:
         subscribers = [s.statistics() for s in list(self._subscribers)]
@@ -553,7 +551,7 @@ class Session:
             cut = tasks.create_task(self._cut_input_on_stop(pump), name=f"{name}:stop-input")
             try:
                 if self._encoder is not None and output is not None:
-                    await self._pump_output(output)
+                    await self._output.run(output)
                 else:
                     await self._worker_done.wait()
             finally:
@@ -586,7 +584,7 @@ class Session:
         )
         self._last_error = f"drain timed out; still busy: {', '.join(stuck) or 'the output'}"
         self._close_queues()
-        self._cut_output()
+        self._output.cut()
         if self._worker.running:  # stuck in a hook: the session ends without it
             self._worker_abandoned = True
             self._worker_done.set()
@@ -626,100 +624,16 @@ class Session:
         finally:
             decoder.end()
 
-    async def _pump_output(self, output: TricklePublisher) -> None:
-        """Publish the encoder's segments as their bytes arrive, until the encoder has finished.
+    def _output_gone(self, error: TrickleError) -> None:
+        self._trickle_failed("output", error)  # ends the session
+        self._close_queues()
 
-        Every segment the encoder ends is either published or counted as lost (:meth:`_output_lost`).
-        Once the output is over (gone, out of its failure budget, or cut at the drain deadline) the
-        encoder's remaining segments are counted, not sent.
-        """
-        segment: PublishSegment | None = None
-        lost: str | None = None  # why the encoder's current segment is not (all) being published
-        over = False
-        first = True
-        while True:
-            for item in coalesce(await self._sink.take()):
-                if item is FINISHED:
-                    if segment is not None:
-                        with contextlib.suppress(TrickleError, TimeoutError):
-                            await self._publishing(segment.abort())
-                    return
-                assert isinstance(item, tuple)
-                data = item[1]
-                if isinstance(data, bytes):  # more of the encoder's current segment
-                    if lost is None and not over:
-                        try:
-                            if segment is None:
-                                segment = output.segment()
-                                await self._publishing(segment.open())
-                            await self._publishing(segment.write(data))
-                        except (TrickleError, TimeoutError) as exc:
-                            lost, over = self._output_failed(exc)
-                            segment = None
-                    continue
-                # The end of the encoder's current segment, which holds `data` video frames.
-                if segment is not None and lost is None and not over:
-                    try:
-                        lost = await self._publishing(segment.finish())
-                    except (TrickleError, TimeoutError) as exc:
-                        lost, over = self._output_failed(exc)
-                segment = None
-                if over or lost is not None:
-                    over = self._output_lost(lost or "unreachable", data, counted_against_budget=not over)
-                elif data:
-                    self._output_budget.succeeded()
-                    if first:
-                        first = False
-                        self.send_event({"type": "send_first_processed_segment"}, "stream_trace")
-                lost = None
-
-    async def _publishing(self, step: Coroutine[Any, Any, _T]) -> _T:
-        """One step of publishing the output, cut short with TimeoutError at the drain deadline."""
-        if self._output_cut_off:
-            step.close()
-            raise TimeoutError("the output was cut off at the drain deadline")
-        try:
-            async with asyncio.timeout(None) as self._output_step:
-                return await step
-        finally:
-            self._output_step = None
-
-    def _cut_output(self) -> None:
-        self._output_cut_off = True
-        if self._output_step is not None:
-            self._output_step.reschedule(asyncio.get_running_loop().time())
-
-    def _output_failed(self, error: TrickleError | TimeoutError) -> tuple[str, bool]:
-        """Why the output's current segment is lost, and whether the output is over."""
-        if self._output_cut_off:
-            return "unreachable", True
-        if isinstance(error, (ChannelGone, ChannelClosed)):
-            self._trickle_failed("output", error)  # ends the session
-            self._close_queues()
-            return "unreachable", True
-        log.warning("stream %s: output segment lost: %s", self.stream_id, error)
-        return ("unreachable" if isinstance(error, RetriesExhausted) else "refused"), False
-
-    def _output_lost(self, reason: str, frames: int, *, counted_against_budget: bool) -> bool:
-        """Count an output segment the gateway cannot have received whole (an ``output`` error);
-        returns whether the output is over: its failure budget is spent, which ends the session."""
-        with self._errors_lock:
-            self._lost_segments[reason] += 1
-            self._lost_frames[reason] += frames
-        self._error("output", f"output segment lost ({reason}): {frames} video frames")
-        if not counted_against_budget:
-            return True
-        end = self._output_budget.failed()
-        if end is None:
-            return False
-        log.error(
-            "stream %s: the output lost every segment for over %.1fs; giving it up",
-            self.stream_id,
-            self._output_budget.budget_s,
-        )
-        self.stop(end)
+    def _output_given_up(self, reason: EndReason) -> None:
+        self.stop(reason)
         self._close_queues()  # the encoder's remaining output is counted, not sent
-        return True
+
+    def _first_output_segment(self) -> None:
+        self.send_event({"type": "send_first_processed_segment"}, "stream_trace")
 
     async def _watch_control(self, url: str) -> None:
         try:
