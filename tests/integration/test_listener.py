@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -198,3 +199,17 @@ async def test_a_health_request_announcing_a_body_goes_to_the_runtime() -> None:
         await runtime.wait_ready()
         answers = await exchange(url, smuggled)
     assert [status for status, _, _ in answers] == [400]  # the runtime's HTTP parser refuses it
+
+
+async def test_without_a_listener_process_the_runtime_serves_its_port_itself(
+    http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # as on a system without SOCK_SEQPACKET Unix sockets: making the pair fails with an OSError
+    monkeypatch.setattr(socket, "SOCK_SEQPACKET", 0x7FFF)
+    caplog.set_level(logging.WARNING, "byoc.serve.apiserver")
+    async with running() as (runtime, url):
+        await runtime.wait_ready()
+        assert listener_pids() == []
+        status, body, _ = await call(http, "GET", f"{url}/health")
+        assert (status, body["status"]) == (200, "ok")
+    assert "no listener process" in caplog.text
