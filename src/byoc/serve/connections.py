@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from byoc.serve.listener import ACCEPT_BACKLOG, AcceptErrorLog
+from byoc.serve.listener import ACCEPT_BACKLOG, HEALTH_PATH, AcceptErrorLog
 
 __all__ = [
     "ACCEPT_BACKLOG",
@@ -41,7 +41,6 @@ libraries, the processor's own files."""
 SESSION_FDS = 32
 """Descriptors one session may need: its trickle channels (each with a connection opened ahead),
 its threads' wake-up pipes, codec files."""
-HEALTH_PATH = "/health"
 HEALTH_SLOTS = 4
 """Connections beyond the cap that may ask for ``GET /health`` only."""
 _MIN_CAP = 8

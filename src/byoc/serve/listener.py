@@ -41,6 +41,7 @@ from typing import Any
 __all__ = [
     "ACCEPT_BACKLOG",
     "BUFFER_BYTES",
+    "HEALTH_PATH",
     "AcceptErrorLog",
     "HealthAnswer",
     "ListenerOptions",
@@ -56,6 +57,8 @@ ACCEPT_BACKLOG = 64
 them is admitted or evicts another, so the API's connection cap leaves room for twice as many
 descriptors (byoc.serve.connections)."""
 
+HEALTH_PATH = "/health"
+_HEALTH_TARGET = HEALTH_PATH.encode()
 BUFFER_BYTES = 16 * 1024
 """Bytes read from a connection before it is decided: a request line (and, for ``/health``, the
 headers) longer than this goes to the runtime, which refuses it with its own answer."""
@@ -130,7 +133,7 @@ def is_health_request(head: bytes) -> bool | None:
         return False
     method, target, version = parts
     path = target.partition(b"?")[0]
-    return method == b"GET" and path == b"/health" and version in (b"HTTP/1.1", b"HTTP/1.0")
+    return method == b"GET" and path == _HEALTH_TARGET and version in (b"HTTP/1.1", b"HTTP/1.0")
 
 
 def _headers(head: bytes) -> list[tuple[bytes, bytes]]:
