@@ -18,9 +18,11 @@ import numpy as np
 from aiohttp import web
 
 from byoc.dev.orchestrator.registry import CAPABILITY_FIELDS
+from byoc.dev.procs import descendants
 from byoc.dev.synthetic import SyntheticStream, read_frame_index
 from byoc.dev.trickle_server import RunningTrickle
 from byoc.errors import ChannelGone
+from byoc.serve import listener
 from byoc.spec import StreamSpec
 from byoc.trickle.layout import ROLES, Role, StreamChannels, role_of_field
 from byoc.trickle.publisher import TricklePublisher
@@ -345,3 +347,13 @@ async def serving_orchestrator(secret: str = "secret") -> AsyncIterator[FakeOrch
             yield fake
         finally:
             fake.release.set()
+
+
+def listener_pids(parent: int) -> list[int]:
+    """The listener processes (byoc.serve.listener) among ``parent``'s descendants that have not ended."""
+    found = []
+    for pid in descendants(parent):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+            if listener.__file__.encode() in f.read():  # empty once it ended (a zombie)
+                found.append(pid)
+    return found

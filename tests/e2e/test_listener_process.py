@@ -10,20 +10,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from byoc.dev.procs import descendants
-from byoc.serve import listener
 from tests.e2e.serve import ServeProcess
+from tests.support import listener_pids
 
 pytestmark = pytest.mark.e2e
-
-
-def listener_of(serve: ServeProcess) -> int:
-    (pid,) = [
-        pid
-        for pid in descendants(serve.pid)
-        if listener.__file__.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
-    ]
-    return pid
 
 
 def running(pid: int) -> bool:
@@ -37,7 +27,7 @@ def running(pid: int) -> bool:
 async def test_a_signal_drains_and_both_processes_exit(http: aiohttp.ClientSession, to_both: bool) -> None:
     async with ServeProcess() as serve:
         await serve.wait_ready(http)
-        pid = listener_of(serve)
+        (pid,) = listener_pids(serve.pid)
         async with http.get(f"{serve.url}/health") as response:
             assert response.status == 200
         if to_both:  # what a terminal's Ctrl-C does: every process of the group gets SIGINT

@@ -22,12 +22,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from byoc.dev.procs import descendants
 from byoc.dev.trickle_server import RunningTrickle
-from byoc.serve import listener
 from byoc.serve.api import REPORT_STALE_S
 from tests.integration.test_api import body_for, call, running
-from tests.support import StreamHarness
+from tests.support import StreamHarness, listener_pids
 
 _PROBE = """
 import http.client, json, sys, time
@@ -80,15 +78,6 @@ def answers(probe: subprocess.Popen[str]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.splitlines()]
 
 
-def listener_pids() -> list[int]:
-    pids = []
-    for pid in descendants(os.getpid()):
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
-            if listener.__file__.encode() in f.read():
-                pids.append(pid)
-    return pids
-
-
 async def test_health_is_answered_while_the_interpreter_is_held_and_is_error_when_it_stays_held() -> None:
     hold_s = REPORT_STALE_S + 1.5
     async with running() as (runtime, url):
@@ -113,7 +102,7 @@ async def test_inline_the_health_answers_wait_for_the_interpreter() -> None:
     # the contrast: without the listener process nothing answers while the interpreter is held
     async with running(api_listener="inline") as (runtime, url):
         await runtime.wait_ready()
-        assert listener_pids() == []
+        assert listener_pids(os.getpid()) == []
         with probing(url, 3.0) as probe:
             began, ended = hold_the_interpreter(1.5)
             got = await asyncio.to_thread(answers, probe)
@@ -182,13 +171,13 @@ async def test_when_the_listener_process_dies_the_runtime_serves_its_port(
     caplog.set_level(logging.ERROR, "byoc.serve.handoff")
     async with running() as (runtime, url):
         await runtime.wait_ready()
-        (pid,) = listener_pids()
+        (pid,) = listener_pids(os.getpid())
         os.kill(pid, signal.SIGKILL)
         # the connection waits in the listening socket's backlog until this process accepts it
         status, body, _ = await call(http, "GET", f"{url}/health", timeout=aiohttp.ClientTimeout(15))
         assert (status, body["status"]) == (200, "ok")
         assert (await call(http, "GET", f"{url}/version"))[0] == 200
-        assert listener_pids() == []
+        assert listener_pids(os.getpid()) == []
     assert f"the listener process {pid} ended" in caplog.text
 
 
@@ -209,7 +198,7 @@ async def test_without_a_listener_process_the_runtime_serves_its_port_itself(
     caplog.set_level(logging.WARNING, "byoc.serve.apiserver")
     async with running() as (runtime, url):
         await runtime.wait_ready()
-        assert listener_pids() == []
+        assert listener_pids(os.getpid()) == []
         status, body, _ = await call(http, "GET", f"{url}/health")
         assert (status, body["status"]) == (200, "ok")
     assert "no listener process" in caplog.text
