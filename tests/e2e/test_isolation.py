@@ -252,9 +252,12 @@ async def test_a_hook_that_hangs_in_a_worker_leaves_no_thread_behind_in_the_cont
                 assert h.events[-1]["event"]["reason"] == "processor_hung"
 
             async def nothing_left_behind() -> bool:
+                # the session has ended (until then its stuck thread is not counted yet) and the thread
+                # it left waiting for the worker has finished
                 async with http.get(f"{serve.url}/health") as response:
                     health = await response.json()
-                return response.status == 200 and health["abandoned_threads"] == 0
+                ended = health["sessions"] == 0
+                return response.status == 200 and ended and health["abandoned_threads"] == 0
 
             await wait_until(nothing_left_behind, "no thread left behind", 60)
         serve.signal(signal.SIGTERM)
