@@ -31,7 +31,7 @@ def test_bench_pipeline_reports_both_measurements_and_the_audio(tmp_path: Path) 
     assert report["raw_cpu_ms_per_frame"] > 0
     assert abs(report["ratio"] - report["session_cpu_ms_per_frame"] / report["raw_cpu_ms_per_frame"]) < 0.01
     assert report["added_latency_ms_p50"] > 0
-    # the session's event loop, profiled: its iterations and the session's input pump are counted
+    # the session's event loop, profiled: its iterations and the input segments it heard of are counted
     counted = {name: calls for (_, _, name), (_, calls, *_) in pstats.Stats(str(profile)).stats.items()}  # type: ignore[attr-defined]
-    assert counted["_run_once"] > 60
-    assert counted["_pump_input"] >= 1
+    assert counted["_run_once"] > 0
+    assert counted["_input_segment"] == 2

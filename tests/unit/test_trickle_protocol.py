@@ -23,8 +23,10 @@ from byoc.trickle.protocol import (
     channel_url,
     classify_get,
     classify_post,
+    deleted_after_last,
     next_url,
     parse_int_header,
+    post_failure,
     segment_url,
 )
 
@@ -80,6 +82,27 @@ def test_classify_get(status: int, headers: dict[str, str], requested: int, expe
 )
 def test_classify_post(status: int, headers: dict[str, str], expected: PostOutcome) -> None:
     assert classify_post(status, headers) == expected
+
+
+@pytest.mark.parametrize(
+    ("outcome", "previous_whole", "expected"),
+    [
+        (Gone(), True, ChannelEnded()),  # deleted after its last segment, before this GET arrived
+        (Gone(), False, Gone()),  # no segment, or one that broke off: the channel is gone
+        (Retry("HTTP 503"), True, Retry("HTTP 503")),
+        (SegmentReady(3, None), True, SegmentReady(3, None)),
+    ],
+)
+def test_a_404_after_a_whole_segment_is_the_end_of_the_stream(
+    outcome: GetOutcome, previous_whole: bool, expected: GetOutcome
+) -> None:
+    assert deleted_after_last(outcome, previous_whole) == expected
+
+
+def test_a_failed_post_says_what_it_knows() -> None:
+    assert post_failure(503, 4000, Retry("HTTP 503")) == "refused with HTTP 503"
+    assert post_failure(None, 0, Retry("reset")) == "failed before a byte was written (reset)"
+    assert post_failure(None, 20, Retry("reset")) == "broke off after 20 bytes were written (reset)"
 
 
 @pytest.mark.parametrize(

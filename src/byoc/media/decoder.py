@@ -1,14 +1,16 @@
 """The decoder stage: every input segment of a session into ONE continuous MPEG-TS demuxer.
 
-It runs on its own thread (PyAV releases the GIL while it decodes). The event loop hands it bytes
-with :meth:`Decoder.feed`, which waits while ``max_buffered_bytes`` are waiting to be decoded (so the
-input is read no faster than the pipeline takes it), marks the end of each trickle segment with
-:meth:`Decoder.end_segment` and the end of the input with :meth:`Decoder.end`. Decoded frames are
-fitted to the session's size (scaled to cover, centre-cropped), optionally capped to a frame rate,
-given strictly increasing timestamps, and put on the output :class:`StageQueue` together with the
-decoded audio and a :class:`Boundary` after the last frame of every input segment. Each frame says
-when it is due in stream time (:class:`StreamClock`); putting a frame waits while the queue is full of
-frames that are not late.
+It runs on its own thread (PyAV releases the GIL while it decodes). The input is handed to it with
+:meth:`Decoder.put` from a thread (a session's input reader) or :meth:`Decoder.feed` from an event
+loop, either of which waits while ``max_buffered_bytes`` are waiting to be decoded (so the input is
+read no faster than the pipeline takes it); :meth:`Decoder.end_segment` marks the end of each trickle
+segment and :meth:`Decoder.end` the end of the input. Decoded frames are fitted to the session's size
+(scaled to cover, centre-cropped), optionally capped to a frame rate, given strictly increasing
+timestamps, and put on the output queue together with the decoded audio and a :class:`Boundary` after
+the last frame of every input segment. Each frame says when it is due in stream time
+(:class:`StreamClock`); putting a frame waits while the queue is full of frames that are not late.
+(Where the session has no processing stage, the output is the encoder's
+:class:`~byoc.media.encoder.EncodeInPlace`: this thread encodes the frame itself.)
 
 A corrupt or truncated segment costs the frames it damaged and an error count, never the session.
 
@@ -28,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import av
 import av.filter
@@ -38,7 +40,7 @@ from av.video.reformatter import VideoReformatter
 from byoc.errors import MediaError
 from byoc.media.codecs import ChosenCodecs, codecs_for
 from byoc.media.items import TIME_BASE, AudioItem, Boundary, InputInfo, Item, VideoItem
-from byoc.media.queues import Closed, StageQueue, StreamClock
+from byoc.media.queues import Closed, StreamClock
 from byoc.media.stage import Stage
 from byoc.media.ts import FLUSH_UNITS, StreamTypeWatch, first_video_pts, video_flush_packets
 from byoc.threads import call_in_loop
@@ -98,7 +100,18 @@ def _without_leading(packet: av.Packet[Any], unit: bytes) -> av.Packet[Any]:
     return trimmed
 
 
-def _put_boundary(output: StageQueue[Item], segment: int) -> None:
+class DecodedOutput(Protocol):
+    """Where the decoder puts what it decoded: a :class:`StageQueue` (or an encoder's
+    :class:`~byoc.media.encoder.EncodeInPlace`)."""
+
+    def put(self, item: Item, *, droppable: bool = True, block: bool = True, wake: bool = True) -> None: ...
+
+    def wake(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _put_boundary(output: DecodedOutput, segment: int) -> None:
     output.put(Boundary(segment), droppable=False)
 
 
@@ -143,18 +156,27 @@ class _ByteFeed:
             self._chunks.append(item)
             if isinstance(item, bytes):
                 self._waiting_bytes += len(item)
-            self._cond.notify()
+            self._cond.notify_all()
+
+    def wait_room(self) -> None:
+        """:meth:`room` for a thread: return once at most ``max_bytes`` are waiting to be read."""
+        with self._cond:
+            self._cond.wait_for(self._has_room)
+
+    def _has_room(self) -> bool:
+        return self._waiting_bytes <= self._max_bytes or self._eof or self._reader_gone
 
     def close(self) -> None:
         with self._cond:
             self._eof = True
-            self._cond.notify()
+            self._cond.notify_all()
             self._wake_loop()
 
     def reader_gone(self) -> None:
         """The demuxer stopped reading (the decoder ended): nothing waits for room any more."""
         with self._cond:
             self._reader_gone = True
+            self._cond.notify_all()
             self._wake_loop()
 
     async def room(self) -> None:
@@ -162,14 +184,15 @@ class _ByteFeed:
         loop = asyncio.get_running_loop()
         while True:
             with self._cond:
-                if self._waiting_bytes <= self._max_bytes or self._eof or self._reader_gone:
+                if self._has_room():
                     return
                 ready = asyncio.Event()
                 self._room_waiter = (loop, ready)
             await ready.wait()
 
     def _wake_loop(self) -> None:
-        """Wake the loop waiting in :meth:`room` (with the lock held)."""
+        """Wake the loop waiting in :meth:`room` (with the lock held; a thread in :meth:`wait_room`
+        waits on the condition, which the reader notifies when it takes bytes)."""
         if self._room_waiter is not None:
             loop, ready = self._room_waiter
             self._room_waiter = None
@@ -198,9 +221,12 @@ class _ByteFeed:
                     return None
                 item = self._chunks.popleft()
                 if isinstance(item, bytes):
+                    waited = self._waiting_bytes > self._max_bytes
                     self._waiting_bytes -= len(item)
                     if self._waiting_bytes <= self._max_bytes:
                         self._wake_loop()
+                        if waited:
+                            self._cond.notify_all()
             if item is _SEGMENT_END:
                 segment = self._segments_ended
                 self._segments_ended += 1
@@ -326,7 +352,7 @@ class Decoder(Stage):
 
     def __init__(
         self,
-        output: StageQueue[Item],
+        output: DecodedOutput,
         *,
         width: int,
         height: int,
@@ -375,7 +401,7 @@ class Decoder(Stage):
         self._audio_anchor: int | None = None  # the last audio PTS the input gave
         self._audio_samples = 0  # audio samples since that PTS
 
-    # --- called from the event loop -------------------------------------------------------------
+    # --- called by the input's reader (an event loop or a thread) ------------------------------
 
     async def feed(self, data: bytes) -> None:
         """Input bytes, in order. Waits while more than ``max_buffered_bytes`` are waiting to be
@@ -384,6 +410,13 @@ class Decoder(Stage):
             self._bytes_in += len(data)
             self._feed.put(bytes(data))
         await self._feed.room()
+
+    def put(self, data: bytes) -> None:
+        """:meth:`feed` from a thread other than the decoder's: waits the same way."""
+        if data:
+            self._bytes_in += len(data)
+            self._feed.put(bytes(data))
+        self._feed.wait_room()
 
     def end_segment(self) -> None:
         """The current input segment is complete: release its last frames now."""

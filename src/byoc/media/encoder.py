@@ -210,6 +210,47 @@ class _SegmentWriter:
         return len(chunk)
 
 
+class EncodeInPlace:
+    """The queue before an encoder that runs on its producer's thread: what is put in it is encoded at
+    once, by the thread that puts it. A session without a processing stage gives it to its decoder, so
+    a frame is decoded and encoded by one thread with no hand-off between two (what the bare decode ->
+    encode loop does); the encoder's own thread is not started. An encoder failure ends the input
+    (:class:`Closed`, as a queue that was closed) and is the encoder's error."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        self._encoder = encoder
+        self._closed = False
+
+    def put(self, item: Item, *, droppable: bool = True, block: bool = True, wake: bool = True) -> None:
+        if self._closed:
+            raise Closed("put() on a closed queue")
+        try:
+            self._encoder._handle(item)
+        except BaseException as exc:
+            self._encoder._failed(exc)
+            self.close()
+            raise Closed("the encoder failed") from exc
+
+    def wake(self) -> None:
+        """The producer is about to wait: what was muxed goes on now."""
+        if not self._closed:
+            self._encoder._sink.flush()
+
+    def close(self) -> None:
+        """The end of the input: the encoder finishes its last segment."""
+        if self._closed:
+            return
+        self._closed = True
+        encoder = self._encoder
+        try:
+            if encoder.error is None:
+                encoder._finish()
+        except BaseException as exc:
+            encoder._failed(exc)
+        finally:
+            encoder._sink.close()
+
+
 class Encoder(Stage):
     """Encodes one session's processed frames on a thread; see the module docstring."""
 
@@ -289,22 +330,28 @@ class Encoder(Stage):
                         item = self._source.get()
                 except Closed:
                     break
-                if isinstance(item, VideoItem):
-                    self._encode_video(item)
-                elif isinstance(item, AudioItem):
-                    self._receive_audio(item.frame)
-                elif isinstance(item, Boundary):
-                    self._input_segment_ended()
-                elif isinstance(item, InputInfo):
-                    self._want_audio = item.has_audio
+                self._handle(item)
             self._finish()
         except BaseException as exc:  # reported to the session, which ends with this error
-            log.exception("encoder failed")
-            self.error = exc
-            self._close_segment()
+            self._failed(exc)
         finally:
             self._source.close()  # nothing upstream may wait on this stage any more
             self._sink.close()
+
+    def _handle(self, item: Item) -> None:
+        if isinstance(item, VideoItem):
+            self._encode_video(item)
+        elif isinstance(item, AudioItem):
+            self._receive_audio(item.frame)
+        elif isinstance(item, Boundary):
+            self._input_segment_ended()
+        elif isinstance(item, InputInfo):
+            self._want_audio = item.has_audio
+
+    def _failed(self, exc: BaseException) -> None:
+        log.exception("encoder failed", exc_info=exc)
+        self.error = exc
+        self._close_segment()
 
     def _count_bytes(self, size: int) -> None:
         self._bytes += size

@@ -188,6 +188,7 @@ class StreamTypeWatch:
         self._latest: dict[int, str] = {}
         self._current: dict[int, str] = {}
         self._changes: list[tuple[int, int, str]] = []
+        self._sections: dict[int, bytes] = {}  # the last section packet of each PID (its payload)
 
     def scan(self, data: bytes, offset: int) -> None:
         """``data``, which starts at byte ``offset`` of the stream."""
@@ -197,9 +198,32 @@ class StreamTypeWatch:
                 found = data.find(SYNC_BYTE, at + 1)
                 at = found if found >= 0 else len(data)
                 continue
-            self._packet(data[at : at + PACKET_SIZE], start + at)
-            at += PACKET_SIZE
+            at = self._aligned(data, start, at)
         self._carry = data[at:]
+
+    def _aligned(self, data: bytes, start: int, at: int) -> int:
+        """Scan the packets from ``at`` on while they stay aligned; returns where that ended. Only the
+        packet headers are looked at in a loop (PIDs); the sections are parsed where they start, and
+        only when they differ from the last one seen on their PID (PAT and PMT repeat unchanged)."""
+        end = at + (len(data) - at) // PACKET_SIZE * PACKET_SIZE
+        syncs = data[at:end:PACKET_SIZE]
+        aligned = len(syncs)
+        if syncs.count(SYNC_BYTE) != aligned:
+            aligned = next(index for index, byte in enumerate(syncs) if byte != SYNC_BYTE)
+        for index, (high, low) in enumerate(
+            zip(data[at + 1 : end : PACKET_SIZE], data[at + 2 : end : PACKET_SIZE], strict=True)
+        ):
+            if index >= aligned:
+                break
+            pid = (high & 0x1F) << 8 | low
+            if self._head_of is not None and pid in self._latest:
+                self._head_of = None
+            if high & 0x40 and (pid == 0 or pid in self._pmt_pids):
+                packet = data[at + index * PACKET_SIZE : at + (index + 1) * PACKET_SIZE]
+                if self._sections.get(pid) != packet[4:]:
+                    self._sections[pid] = packet[4:]
+                    self._section(packet, pid, start + at + index * PACKET_SIZE)
+        return at + aligned * PACKET_SIZE
 
     def boundary(self, offset: int) -> None:
         """A segment ended at byte ``offset``: the next one starts on a packet boundary."""
@@ -217,12 +241,10 @@ class StreamTypeWatch:
             self._current[changed] = codec
         return self._current.get(pid)
 
-    def _packet(self, packet: bytes, offset: int) -> None:
-        pid = (packet[1] & 0x1F) << 8 | packet[2]
-        if pid in self._latest:
-            self._head_of = None
+    def _section(self, packet: bytes, pid: int, offset: int) -> None:
+        """A packet of PID 0 or a PMT PID where a section starts."""
         control = (packet[3] >> 4) & 0x3
-        if (pid != 0 and pid not in self._pmt_pids) or not packet[1] & 0x40 or not control & 0x1:
+        if not control & 0x1:
             return
         at = 4 + (1 + packet[4] if control & 0x2 else 0)
         if at >= PACKET_SIZE:

@@ -34,13 +34,14 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import functools
 import json
 import logging
 import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ParamSpec, Protocol
 
 import aiohttp
@@ -53,8 +54,8 @@ from byoc.errors import (
     TrickleError,
 )
 from byoc.logs import current_stream_id
-from byoc.media.decoder import Decoder
-from byoc.media.encoder import Encoder
+from byoc.media.decoder import DecodedOutput, Decoder
+from byoc.media.encoder import EncodeInPlace, Encoder
 from byoc.media.items import Item, ParamsItem, VideoItem, due_of
 from byoc.media.queues import DROP_REASONS, Closed, StageQueue
 from byoc.media.stage import Stage
@@ -62,19 +63,21 @@ from byoc.params import check_params_size, check_update
 from byoc.params import max_fps as parse_max_fps
 from byoc.processor import Processor, SessionContext
 from byoc.session.events import final_event, params_digest, status_event
+from byoc.session.input import InputReader
 from byoc.session.output import OutputPump
 from byoc.session.policy import FailureBudget, trickle_failure
-from byoc.session.sink import LoopSink
 from byoc.session.stats import (
     AudioCounts,
     LatencyWindow,
+    OutputLosses,
     RateMeter,
     SessionStatistics,
     TrickleCounts,
 )
-from byoc.session.worker import ProcessingWorker
+from byoc.session.worker import ProcessingWorker, does_nothing
 from byoc.spec import EndReason, SessionSettings, StreamSpec
 from byoc.threads import call_in_loop
+from byoc.trickle.blocking import BlockingPublisher, BlockingSubscriber
 from byoc.trickle.channels import ControlReader, DataWriter, EventsWriter, encode_data_lines
 from byoc.trickle.layout import Role
 from byoc.trickle.publisher import TricklePublisher
@@ -200,8 +203,9 @@ class Session:
         self._last_error: str | None = None
         self._input_rate, self._output_rate = RateMeter(), RateMeter()
         self._latency = LatencyWindow()
-        self._subscribers: list[TrickleSubscriber] = []
-        self._publishers: list[TricklePublisher] = []
+        self._subscribers: list[TrickleSubscriber | BlockingSubscriber] = []
+        self._publishers: list[TricklePublisher | BlockingPublisher] = []
+        self._output_done = asyncio.Event()  # the encoder finished: its output is published or lost
         self._end_by: float | None = None  # stop() + drain_timeout_s: when the session must have ended
         sink = _WeakSink(self)
         self.context = SessionContext(spec.stream_id, spec.width, spec.height, dict(spec.params), sink)
@@ -214,10 +218,43 @@ class Session:
         )
         has_input = spec.subscribe_url is not None
         has_output = has_input and spec.publish_url is not None
+        self._no_processing = has_output and does_nothing(processor)
+        self._media_out: BlockingPublisher | None = None
+        self._output: OutputPump | None = None
+        self._encoder: Encoder | None = None
+        if has_output:
+            assert spec.publish_url is not None
+            self._media_out = BlockingPublisher(spec.publish_url, mime_type="video/mp2t", settings=s.trickle)
+            self._publishers.append(self._media_out)
+            self._output = OutputPump(
+                spec.stream_id,
+                self._media_out,
+                FailureBudget(s.output_failure_budget_s, EndReason.OUTPUT_UNREACHABLE),
+                on_error=_weakly(self._error),
+                on_gone=self._from_thread(_weakly(self._output_gone)),
+                on_given_up=self._from_thread(_weakly(self._output_given_up)),
+                on_first_segment=self._from_thread(_weakly(self._first_output_segment)),
+                on_finished=self._from_thread(self._output_done.set),
+            )
+            self._encoder = Encoder(
+                self._processed,
+                self._output,
+                dataclasses.replace(s.encoder, width=spec.width, height=spec.height),
+                name=f"encode-{spec.stream_id}",
+                nice=s.thread_nice,
+                on_frame=_weakly(self._frame_done),
+                on_error=_weakly(self._error),
+            )
+
+        # A processor that does nothing gets no processing stage: the decoder's thread encodes too.
+        decoded: DecodedOutput = self._frames
+        if self._encoder is not None and self._no_processing:
+            decoded = EncodeInPlace(self._encoder)
         self._decoder: Decoder | None = None
+        self._input: InputReader | None = None
         if has_input:
             self._decoder = Decoder(
-                self._frames,
+                decoded,
                 width=spec.width,
                 height=spec.height,
                 max_fps=spec.max_fps,
@@ -228,6 +265,17 @@ class Session:
                 on_frame=self._input_rate.tick,
                 max_buffered_bytes=s.input_buffer_bytes,
                 latency_budget_s=s.latency_budget_s,
+            )
+            assert spec.subscribe_url is not None
+            subscriber = BlockingSubscriber(spec.subscribe_url, settings=s.trickle)
+            self._subscribers.append(subscriber)
+            self._input = InputReader(
+                subscriber,
+                self._decoder,
+                name=f"input-{spec.stream_id}",
+                nice=s.thread_nice,
+                on_segment=self._from_thread(_weakly(self._input_segment)),
+                on_end=self._from_thread(_weakly(self._input_ended)),
             )
         self._worker = ProcessingWorker(
             processor,
@@ -242,35 +290,14 @@ class Session:
             on_exit=self._from_thread(self._worker_done.set),
             on_processed=self._observer.processed,
         )
-        self._sink = LoopSink(self._loop)
-        self._output = OutputPump(
-            spec.stream_id,
-            self._sink,
-            FailureBudget(s.output_failure_budget_s, EndReason.OUTPUT_UNREACHABLE),
-            on_error=_weakly(self._error),
-            on_gone=_weakly(self._output_gone),
-            on_given_up=_weakly(self._output_given_up),
-            on_first_segment=_weakly(self._first_output_segment),
-        )
-        self._encoder: Encoder | None = None
-        if has_output:
-            self._encoder = Encoder(
-                self._processed,
-                self._sink,
-                dataclasses.replace(s.encoder, width=spec.width, height=spec.height),
-                name=f"encode-{spec.stream_id}",
-                nice=s.thread_nice,
-                on_frame=_weakly(self._frame_done),
-                on_error=_weakly(self._error),
-            )
 
-    def _from_thread(self, callback: Callable[[], object]) -> Callable[[], None]:
+    def _from_thread(self, callback: Callable[_P, object]) -> Callable[_P, None]:
         """``callback`` made safe to call from another thread: it runs on the session's loop."""
 
         loop = self._loop  # not self: the stages would hold the session (see _weakly)
 
-        def schedule() -> None:
-            call_in_loop(loop, callback)
+        def schedule(*args: _P.args, **kwargs: _P.kwargs) -> None:
+            call_in_loop(loop, functools.partial(callback, *args, **kwargs))
 
         return schedule
 
@@ -325,8 +352,11 @@ class Session:
         self._params.update(update)  # what the stream was given; the processor sees it between frames
         if "max_fps" in update and self._decoder is not None:
             self._decoder.max_fps = max_fps
-        with contextlib.suppress(Closed):
-            self._frames.put(ParamsItem(update), droppable=False)
+        if self._no_processing:
+            self.context.params.update(update)  # no thread reads them meanwhile
+        else:
+            with contextlib.suppress(Closed):
+                self._frames.put(ParamsItem(update), droppable=False)
         self.send_event({"type": "params_updated", "params": params_digest(update)})
         return True
 
@@ -336,7 +366,12 @@ class Session:
 
     def running_stages(self) -> dict[str, Stage]:
         """:meth:`stuck_stages` with the stages themselves, to tell later whether they ever finish."""
-        stages = (("decoder", self._decoder), ("processor", self._worker), ("encoder", self._encoder))
+        stages = (
+            ("input", self._input),
+            ("decoder", self._decoder),
+            ("processor", self._worker),
+            ("encoder", self._encoder),
+        )
         return {name: stage for name, stage in stages if stage is not None and stage.running}
 
     def abandon_processor(self, reason: EndReason, message: str) -> None:
@@ -447,7 +482,7 @@ class Session:
             last_error=self._last_error or worker.last_error,
             end_reason=str(self._reason) if self._reason and self._state is SessionState.ENDED else None,
             trickle=self._trickle_counts(),
-            output_lost=self._output.losses(),
+            output_lost=self._output.losses() if self._output is not None else OutputLosses(),
             audio=AudioCounts(
                 encoder.audio_frames_in,
                 encoder.audio_seconds_in,
@@ -474,10 +509,13 @@ class Session:
         """Run the session to its end and clean up; returns why it ended."""
         current_stream_id.set(self.stream_id)
         events = self._publisher(self.spec.events_url, "application/json")
-        output = self._publisher(self.spec.publish_url, "video/mp2t")
         data = self._publisher(self.spec.data_url, "application/jsonl")
         try:
-            for stage in (self._worker, self._decoder, self._encoder):
+            if self._no_processing:
+                self._started.set()  # there is no on_start to wait for
+            # without a processing stage the decoder's thread encodes: neither of the others runs
+            media = (self._decoder,) if self._no_processing else (self._worker, self._decoder, self._encoder)
+            for stage in (*media, self._input):
                 if stage is not None:
                     stage.start()  # inside the try: a thread that cannot start still gets the cleanup
             async with asyncio.TaskGroup() as tasks:
@@ -509,7 +547,7 @@ class Session:
                     background.append(tasks.create_task(first, name=f"{name}:first-frame"))
                 self._state = SessionState.RUNNING
                 try:
-                    await self._run_pipeline(output)
+                    await self._run_pipeline()
                 finally:
                     for task in background:
                         task.add_done_callback(_forget_cancellation)
@@ -518,7 +556,7 @@ class Session:
             self._state = SessionState.ENDED
             if self._reason is None:
                 self._reason = self._reason_from_stages()
-            await self._finish(events, output, data)
+            await self._finish(events, self._media_out, data)
         return self._reason
 
     def _publisher(self, url: str | None, mime: str) -> TricklePublisher | None:
@@ -543,28 +581,24 @@ class Session:
             self.stop(reason)
         return reason
 
-    async def _run_pipeline(self, output: TricklePublisher | None) -> None:
+    async def _run_pipeline(self) -> None:
         """Media until the pipeline has drained (without input: until a stop)."""
-        async with asyncio.TaskGroup() as tasks:
-            name = self.stream_id
-            pump = tasks.create_task(self._pump_input(), name=f"{name}:input") if self._decoder else None
-            cut = tasks.create_task(self._cut_input_on_stop(pump), name=f"{name}:stop-input")
-            try:
-                if self._encoder is not None and output is not None:
-                    await self._output.run(output)
-                else:
-                    await self._worker_done.wait()
-            finally:
-                cut.cancel()
-                if pump is not None:
-                    pump.cancel()
+        cut = asyncio.create_task(self._cut_input_on_stop(), name=f"{self.stream_id}:stop-input")
+        try:
+            if self._encoder is not None:
+                await self._output_done.wait()
+            else:
+                await self._worker_done.wait()
+        finally:
+            cut.add_done_callback(_forget_cancellation)
+            cut.cancel()
         if self._reason is None:
             self._reason = self._reason_from_stages()
 
-    async def _cut_input_on_stop(self, pump: asyncio.Task[None] | None) -> None:
+    async def _cut_input_on_stop(self) -> None:
         await self._stopping.wait()
-        if pump is not None:
-            pump.cancel()  # its finally ends the decoder's input, so the pipeline drains
+        if self._decoder is not None:
+            self._end_input()  # the pipeline drains
         else:
             self._frames.close()
 
@@ -584,17 +618,24 @@ class Session:
         )
         self._last_error = f"drain timed out; still busy: {', '.join(stuck) or 'the output'}"
         self._close_queues()
-        self._output.cut()
+        if self._output is not None:
+            self._output.cut()
         if self._worker.running:  # stuck in a hook: the session ends without it
             self._worker_abandoned = True
             self._worker_done.set()
 
     def _close_queues(self) -> None:
         """Let every stage that still can finish finish now (a hung processor is left behind)."""
-        if self._decoder is not None:
-            self._decoder.end()
+        self._end_input()
         self._frames.close()
         self._processed.close()
+
+    def _end_input(self) -> None:
+        """No more input is read; the decoder decodes what it has, then finishes."""
+        if self._input is not None:
+            self._input.close()
+        if self._decoder is not None:
+            self._decoder.end()
 
     def _reason_from_stages(self) -> EndReason:
         if self._worker.error is not None:
@@ -603,26 +644,14 @@ class Session:
             return EndReason.MEDIA_ERROR
         return EndReason.STOPPED
 
-    async def _pump_input(self) -> None:
-        decoder, url = self._decoder, self.spec.subscribe_url
-        assert decoder is not None
-        assert url is not None
-        first = True
-        try:
-            async with self._subscriber(url) as subscriber:
-                async for segment in subscriber:
-                    self._input_arrived.set()  # the input timeout counts from here
-                    async for chunk in segment:
-                        await decoder.feed(chunk)  # waits while the decoder is behind: backpressure
-                    decoder.end_segment()
-                    if first:
-                        first = False
-                        self.send_event({"type": "receive_first_ingest_segment"}, "stream_trace")
-            self._trickle_failed("input", None)
-        except TrickleError as exc:
-            self._trickle_failed("input", exc)
-        finally:
-            decoder.end()
+    def _input_segment(self, index: int) -> None:
+        """An input segment started arriving (on the decoder's thread; called here on the loop)."""
+        self._input_arrived.set()  # the input timeout counts from here
+        if index == 0:
+            self.send_event({"type": "receive_first_ingest_segment"}, "stream_trace")
+
+    def _input_ended(self, error: TrickleError | None) -> None:
+        self._trickle_failed("input", error)
 
     def _output_gone(self, error: TrickleError) -> None:
         self._trickle_failed("output", error)  # ends the session
@@ -751,21 +780,29 @@ class Session:
         except Exception:
             log.exception("stream %s: the final event could not be sent", self.stream_id)
 
-    async def _close_channels(self, channels: list[TricklePublisher], end_by: float) -> None:
+    async def _close_channels(
+        self, channels: list[TricklePublisher | BlockingPublisher], end_by: float
+    ) -> None:
         """DELETE ``channels`` (and end their uploads), giving up at ``end_by``."""
+        left = max(0.0, end_by - time.monotonic())
+        closes = [
+            p.close() if isinstance(p, TricklePublisher) else asyncio.to_thread(p.close, left)
+            for p in channels
+        ]
         try:
-            async with asyncio.timeout(max(0.0, end_by - time.monotonic())):
-                await asyncio.gather(*(p.close() for p in channels), return_exceptions=True)
+            async with asyncio.timeout(left):
+                await asyncio.gather(*closes, return_exceptions=True)
         except TimeoutError:
             log.warning("stream %s: its channels did not answer the DELETEs in time", self.stream_id)
 
-    async def _finish(self, *publishers: TricklePublisher | None) -> None:
+    async def _finish(
+        self, events: TricklePublisher | None, *others: TricklePublisher | BlockingPublisher | None
+    ) -> None:
         """Final event, then DELETE every channel this session publishes: the DELETEs whatever became of
         the final event (even when the session is cancelled meanwhile), and both by the session's end
         deadline, so that channels that never answer cannot hold the end up."""
         self._close_queues()
         end_by = max(self._end_deadline(), time.monotonic() + _CLEANUP_S)
-        events, *others = publishers
         open_channels = [p for p in (*others, events) if p is not None]
         try:
             if events is not None:
@@ -779,11 +816,19 @@ class Session:
                 await asyncio.sleep(min(_CLOSE_GRACE_S, (end_by - time.monotonic()) / 4))
         finally:
             await self._close_channels(open_channels, end_by)
-        joined = (self._decoder, None if self._worker_abandoned else self._worker, self._encoder)
-        for stage in joined:
-            if stage is not None and stage.running:  # finishing now, unless it hangs in user code
-                await asyncio.to_thread(stage.join, 1.0)
+        worker = None if self._worker_abandoned else self._worker
+        # finishing now, unless one hangs in user code: joined in one hop off the loop
+        stages = (self._input, self._decoder, worker, self._encoder)
+        running = [stage for stage in stages if stage is not None and stage.running]
+        if running:
+            await asyncio.to_thread(_join, running, 1.0)
         log.info("stream %s: ended (%s)", self.stream_id, self._reason)
+
+
+def _join(stages: Sequence[Stage], timeout_s: float) -> None:
+    """Wait for each stage's thread, at most ``timeout_s`` each."""
+    for stage in stages:
+        stage.join(timeout_s)
 
 
 def _cleanup_s(drain_timeout_s: float) -> float:

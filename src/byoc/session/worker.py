@@ -35,7 +35,17 @@ from byoc.media.stage import Stage
 from byoc.processor import Frame, Processor, SessionContext, checked_result, is_async_hook
 from byoc.threads import call_in_loop
 
-__all__ = ["ProcessingStatistics", "ProcessingWorker", "error_kind", "to_video_frame"]
+__all__ = ["ProcessingStatistics", "ProcessingWorker", "does_nothing", "error_kind", "to_video_frame"]
+
+_HOOKS = ("on_start", "on_params", "process", "process_audio", "on_stop")
+
+
+def does_nothing(processor: Processor) -> bool:
+    """True when ``processor`` keeps every session hook of :class:`Processor` as it is (frames and audio
+    go out unchanged, nothing happens at a start, a parameter update or a stop): a session needs no
+    processing stage for it, and hands decoded frames straight to its encoder."""
+    return all(getattr(type(processor), hook) is getattr(Processor, hook) for hook in _HOOKS)
+
 
 log = logging.getLogger(__name__)
 

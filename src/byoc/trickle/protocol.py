@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from byoc.errors import ChannelClosed, ChannelGone, TrickleError
+
 __all__ = [
     "CLOSED_HEADER",
     "CLOSED_VALUE",
@@ -36,10 +38,13 @@ __all__ = [
     "channel_url",
     "classify_get",
     "classify_post",
+    "deleted_after_last",
     "is_closed",
     "next_url",
     "parse_int_header",
+    "post_failure",
     "segment_url",
+    "terminal_post_error",
 ]
 
 SEQ_HEADER = "Lp-Trickle-Seq"
@@ -173,6 +178,16 @@ def classify_get(status: int, headers: Mapping[str, str], requested_seq: int) ->
     return Fatal(f"HTTP {status}")
 
 
+def deleted_after_last(outcome: GetOutcome, previous_whole: bool) -> GetOutcome:
+    """A 404 for the seq after a segment that arrived whole is the end of the stream, not a lost channel:
+    the publisher deleted the channel after its last segment, before this GET reached the server (a GET
+    already waiting there is answered ``Lp-Trickle-Closed``). Which of the two a reader sees depends
+    only on how fast it asked for the next seq, so both end the stream the same way."""
+    if isinstance(outcome, Gone) and previous_whole:
+        return ChannelEnded()
+    return outcome
+
+
 # --- POST classification ------------------------------------------------------------------------
 
 
@@ -197,6 +212,28 @@ def classify_post(status: int, headers: Mapping[str, str]) -> PostOutcome:
     if _transient(status):
         return Retry(f"HTTP {status}")
     return Fatal(f"HTTP {status}")
+
+
+def terminal_post_error(outcome: PostOutcome, url: str) -> None:
+    """Raise what ends a publisher's channel: ChannelGone (404), ChannelClosed, or TrickleError for a
+    status that retrying cannot fix; return for Accepted and Retry."""
+    if isinstance(outcome, Gone):
+        raise ChannelGone("trickle channel not found", url=url)
+    if isinstance(outcome, ChannelEnded):
+        raise ChannelClosed("trickle channel closed", url=url)
+    if isinstance(outcome, Fatal):
+        raise TrickleError(f"trickle POST failed: {outcome.reason}", url=url)
+
+
+def post_failure(status: int | None, sent: int, outcome: PostOutcome) -> str:
+    """What happened to a POST, truthfully: a refusal names its status and claims nothing about the
+    body (the server may answer before reading it); a broken upload says how much was written."""
+    if status is not None:
+        return f"refused with HTTP {status}"
+    reason = outcome.reason if isinstance(outcome, Retry) else str(outcome)
+    if sent == 0:
+        return f"failed before a byte was written ({reason})"
+    return f"broke off after {sent} bytes were written ({reason})"
 
 
 # --- retries ------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from typing import Any, Literal, Self
 
 import aiohttp
 
-from byoc.errors import ChannelClosed, ChannelGone, RetriesExhausted, TrickleError
+from byoc.errors import ChannelClosed, ChannelGone, RetriesExhausted
 from byoc.trickle.client import TrickleClientSettings
 from byoc.trickle.protocol import (
     RESET_HEADER,
@@ -43,7 +43,9 @@ from byoc.trickle.protocol import (
     RetryState,
     classify_post,
     next_url,
+    post_failure,
     segment_url,
+    terminal_post_error,
 )
 
 __all__ = ["PublishSegment", "PublisherStatistics", "SegmentLoss", "TricklePublisher"]
@@ -369,6 +371,7 @@ class TricklePublisher:
                 log.info("%s: seq %d was closed before it was written; skipping it", self.url, post.seq)
                 continue
             self._raise_terminal(outcome)
+            self._seq = post.seq  # nothing of it was sent: the next segment uses it
             failure = _answer(post, outcome)
             raise RetriesExhausted(f"seq {post.seq} could not be opened: {failure}", url=self.url)
         self._next = _PendingPost(self, self._seq, reset=False)
@@ -383,6 +386,8 @@ class TricklePublisher:
             return None
         self._raise_terminal(outcome)
         if isinstance(outcome, Retry) and post.feed.sent == 0:
+            await self._drop_next()
+            self._seq = post.seq  # nothing of it was sent: the next segment uses it
             raise RetriesExhausted(f"seq {post.seq}: {outcome.reason}", url=self.url)
         self._broken += 1
         loss: SegmentLoss = "broken" if post.status is None else "refused"
@@ -392,12 +397,7 @@ class TricklePublisher:
         return loss
 
     def _raise_terminal(self, outcome: PostOutcome) -> None:
-        if isinstance(outcome, Gone):
-            raise ChannelGone("trickle channel not found", url=self.url)
-        if isinstance(outcome, ChannelEnded):
-            raise ChannelClosed("trickle channel closed", url=self.url)
-        if not isinstance(outcome, Accepted | Retry):
-            raise TrickleError(f"trickle POST failed: {outcome.reason}", url=self.url)
+        terminal_post_error(outcome, self.url)
 
     async def _abandon(self, post: _PendingPost) -> None:
         """The segment's writer failed: never leave a half-written seq open."""
@@ -431,11 +431,4 @@ class TricklePublisher:
 
 
 def _answer(post: _PendingPost, outcome: PostOutcome) -> str:
-    """What happened to a POST, truthfully: a refusal names its status and claims nothing about the
-    body (the server may answer before reading it); a broken upload says how much was written."""
-    if post.status is not None:
-        return f"refused with HTTP {post.status}"
-    reason = outcome.reason if isinstance(outcome, Retry) else str(outcome)
-    if post.feed.sent == 0:
-        return f"failed before a byte was written ({reason})"
-    return f"broke off after {post.feed.sent} bytes were written ({reason})"
+    return post_failure(post.status, post.feed.sent, outcome)

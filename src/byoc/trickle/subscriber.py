@@ -40,6 +40,7 @@ from byoc.trickle.protocol import (
     RetryState,
     SegmentReady,
     classify_get,
+    deleted_after_last,
     segment_url,
 )
 
@@ -146,6 +147,7 @@ class TrickleSubscriber:
         self._seq = start_seq
         self._ended = False
         self._current: SubscribedSegment | None = None
+        self._last_whole = False  # the last segment arrived whole (see deleted_after_last)
         self._preconnect: tuple[int, asyncio.Task[aiohttp.ClientResponse]] | None = None
         self._segments = self._bytes = self._jumps = self._retries = self._restarts = self._refreshes = 0
         # No total timeout: a GET may wait long for its first byte (the refresh above bounds that);
@@ -183,6 +185,7 @@ class TrickleSubscriber:
 
     async def next_segment(self) -> SubscribedSegment | None:
         """The next segment, or None at the end of the stream. Raises ChannelGone on 404."""
+        self._last_whole = self._current is not None and self._current.complete
         if self._current is not None:
             self._current._release()
             self._current = None
@@ -289,7 +292,9 @@ class TrickleSubscriber:
             except _TRANSPORT_ERRORS as exc:
                 state = await self._backoff(state, f"{what}: {exc!r}")
                 continue
-            outcome = classify_get(response.status, response.headers, seq)
+            outcome = deleted_after_last(
+                classify_get(response.status, response.headers, seq), again is None and self._last_whole
+            )
             if isinstance(outcome, SegmentReady) and again in (None, outcome.seq):
                 self._start_preconnect(outcome.seq + 1)
                 return outcome.seq, response
