@@ -116,6 +116,26 @@ async def test_a_broken_body_is_read_again_from_where_it_broke(
     await publisher.close()
 
 
+async def test_a_read_again_that_finds_the_channel_gone_raises_at_the_next_segment(
+    trickle: RunningTrickle, http: aiohttp.ClientSession
+) -> None:
+    url = _channel(trickle)
+    trickle.server.faults.cut_get("stream", after_bytes=30_000)
+    subscriber = BlockingSubscriber(url, settings=S, start_seq=0)
+    reading = asyncio.create_task(asyncio.to_thread(_read_all, subscriber))
+    await trickle.server.wait_for_request(lambda r: (r.method, r.seq) == ("GET", "0"))  # it waits at 0
+    publisher = TricklePublisher(url, session=http, settings=S)
+    async with publisher.segment() as segment:
+        await segment.write(bytes(20_000))  # the body breaks only once 30 000 bytes went out...
+        # ... by when every GET is answered 404: the segment's read again, and the next seq's
+        trickle.server.faults.fail_next(2, status=404, method="GET")
+        await segment.write(bytes(180_000))
+    with pytest.raises(ChannelGone):
+        await asyncio.wait_for(reading, 10)
+    assert subscriber.statistics().restarts == 0  # the read again found nothing to resume
+    await publisher.close()
+
+
 async def test_close_from_another_thread_ends_a_waiting_read(trickle: RunningTrickle) -> None:
     url = _channel(trickle)
     subscriber = BlockingSubscriber(url, settings=S)

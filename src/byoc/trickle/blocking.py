@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping
 
 from multidict import CIMultiDict
 
-from byoc.errors import ChannelClosed, ChannelGone, RetriesExhausted, TrickleError
+from byoc.errors import ChannelClosed, RetriesExhausted, TrickleError
 from byoc.trickle.client import TrickleClientSettings
 from byoc.trickle.protocol import (
     SEQ_CURRENT,
@@ -51,6 +51,7 @@ from byoc.trickle.protocol import (
     deleted_after_last,
     post_failure,
     segment_url,
+    terminal_get_error,
     terminal_post_error,
 )
 from byoc.trickle.publisher import PublisherStatistics, SegmentLoss
@@ -207,6 +208,7 @@ class BlockingSubscriber:
         self._received = 0  # bytes of the segment being read
         self._last_whole = False  # the last segment arrived whole (see deleted_after_last)
         self._preconnect: tuple[int, http.client.HTTPConnection] | None = None
+        self._failure: TrickleError | None = None  # a re-read that failed: raised by next_segment()
         self._segments = self._bytes = self._jumps = self._retries = self._restarts = self._refreshes = 0
 
     @property
@@ -229,6 +231,9 @@ class BlockingSubscriber:
         Raises ChannelGone on 404, RetriesExhausted when the retries are spent."""
         self._release()
         try:
+            if self._failure is not None:
+                failure, self._failure = self._failure, None
+                raise failure
             got = None if self._ended else self._get()
         except BaseException:
             self._connections.close()
@@ -258,8 +263,9 @@ class BlockingSubscriber:
                 self._release()
                 try:
                     got = self._get(again=seq)
-                except TrickleError:
-                    return b""  # the next next_segment() meets the same failure and reports it
+                except TrickleError as exc:
+                    self._failure = exc  # the segment ends here; next_segment() raises it
+                    return b""
                 if got is None:
                     return b""
                 self._restarts += 1
@@ -386,12 +392,9 @@ class BlockingSubscriber:
                 state = self._backoff(state, f"{what}: {outcome}")
                 continue
             self._ended = True
-            if isinstance(outcome, Gone):
-                raise ChannelGone("trickle channel not found", url=self.url)
-            if isinstance(outcome, ChannelEnded):
-                log.debug("%s: end of stream", self.url)
-                return None
-            raise TrickleError(f"trickle GET failed: {outcome.reason}", url=self.url)
+            terminal_get_error(outcome, self.url)
+            log.debug("%s: end of stream", self.url)
+            return None
 
     def _start_preconnect(self, seq: int) -> None:
         try:

@@ -44,6 +44,7 @@ __all__ = [
     "parse_int_header",
     "post_failure",
     "segment_url",
+    "terminal_get_error",
     "terminal_post_error",
 ]
 
@@ -176,6 +177,15 @@ def classify_get(status: int, headers: Mapping[str, str], requested_seq: int) ->
     if _transient(status):
         return Retry(f"HTTP {status}")
     return Fatal(f"HTTP {status}")
+
+
+def terminal_get_error(outcome: GetOutcome, url: str) -> None:
+    """Raise what ends a subscriber's channel for good: ChannelGone (404), or TrickleError for a status
+    that retrying cannot fix; return for the others (the end of the stream among them)."""
+    if isinstance(outcome, Gone):
+        raise ChannelGone("trickle channel not found", url=url)
+    if isinstance(outcome, Fatal):
+        raise TrickleError(f"trickle GET failed: {outcome.reason}", url=url)
 
 
 def deleted_after_last(outcome: GetOutcome, previous_whole: bool) -> GetOutcome:

@@ -27,14 +27,12 @@ from typing import Self
 
 import aiohttp
 
-from byoc.errors import ChannelGone, RetriesExhausted, TrickleError
+from byoc.errors import RetriesExhausted
 from byoc.trickle.client import TrickleClientSettings
 from byoc.trickle.protocol import (
     SEQ_CURRENT,
     ChannelEnded,
-    Fatal,
     GetOutcome,
-    Gone,
     JumpToLatest,
     Retry,
     RetryState,
@@ -42,6 +40,7 @@ from byoc.trickle.protocol import (
     classify_get,
     deleted_after_last,
     segment_url,
+    terminal_get_error,
 )
 
 __all__ = ["SubscribedSegment", "SubscriberStatistics", "TrickleSubscriber"]
@@ -213,10 +212,7 @@ class TrickleSubscriber:
     def _finish(self, outcome: GetOutcome) -> None:
         """Handle a terminal outcome: end of stream returns, 404 and fatal statuses raise."""
         self._ended = True
-        if isinstance(outcome, Gone):
-            raise ChannelGone("trickle channel not found", url=self.url)
-        if isinstance(outcome, Fatal):
-            raise TrickleError(f"trickle GET failed: {outcome.reason}", url=self.url)
+        terminal_get_error(outcome, self.url)
         assert isinstance(outcome, ChannelEnded)
         log.debug("%s: end of stream", self.url)
 
