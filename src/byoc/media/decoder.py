@@ -406,17 +406,18 @@ class Decoder(Stage):
     async def feed(self, data: bytes) -> None:
         """Input bytes, in order. Waits while more than ``max_buffered_bytes`` are waiting to be
         decoded, until the decoder has taken enough of them (or has ended)."""
-        if data:
-            self._bytes_in += len(data)
-            self._feed.put(bytes(data))
+        self._take(data)
         await self._feed.room()
 
     def put(self, data: bytes) -> None:
         """:meth:`feed` from a thread other than the decoder's: waits the same way."""
+        self._take(data)
+        self._feed.wait_room()
+
+    def _take(self, data: bytes) -> None:
         if data:
             self._bytes_in += len(data)
             self._feed.put(bytes(data))
-        self._feed.wait_room()
 
     def end_segment(self) -> None:
         """The current input segment is complete: release its last frames now."""

@@ -175,6 +175,16 @@ def _set_timeout(connection: http.client.HTTPConnection, seconds: float | None) 
         connection.sock.settimeout(seconds)
 
 
+def _delete(connections: _Connections, url: str, timeout_s: float) -> int:
+    """``DELETE url`` on ``connections``, waiting ``timeout_s`` for the answer; its status."""
+    connection = connections.request("DELETE", url, {})
+    _set_timeout(connection, timeout_s)
+    response = connection.getresponse()
+    response.read()
+    connections.reuse(connection, response)
+    return response.status
+
+
 def _headers(response: http.client.HTTPResponse) -> CIMultiDict[str]:
     return CIMultiDict(response.getheaders())
 
@@ -538,12 +548,9 @@ class BlockingPublisher:
         deadline = self.settings.response_timeout_s if timeout_s is None else timeout_s
         fresh = _Connections(self.url, self.settings)
         try:
-            connection = fresh.request("DELETE", self.url, {})
-            _set_timeout(connection, max(0.01, deadline))
-            with connection.getresponse() as response:
-                response.read()
-                if response.status not in (200, 400, 404):
-                    log.info("%s: DELETE answered %d", self.url, response.status)
+            status = _delete(fresh, self.url, max(0.01, deadline))
+            if status not in (200, 400, 404):
+                log.info("%s: DELETE answered %d", self.url, status)
         except _TRANSPORT_ERRORS as exc:
             log.info("%s: DELETE failed: %r", self.url, exc)
         finally:
@@ -719,11 +726,7 @@ class BlockingPublisher:
         if self._connections.shut_down.is_set():
             return
         try:
-            connection = self._connections.request("DELETE", segment_url(self.url, seq), {})
-            _set_timeout(connection, self.settings.response_timeout_s)
-            with connection.getresponse() as response:
-                response.read()
-                log.debug("%s: DELETE seq %d -> %d", self.url, seq, response.status)
-            self._connections.reuse(connection, response)
+            status = _delete(self._connections, segment_url(self.url, seq), self.settings.response_timeout_s)
+            log.debug("%s: DELETE seq %d -> %d", self.url, seq, status)
         except _TRANSPORT_ERRORS as exc:
             log.debug("%s: DELETE seq %d failed: %r", self.url, seq, exc)
