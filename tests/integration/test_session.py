@@ -399,7 +399,7 @@ async def test_trickle_recoveries_are_counted_not_errors(
         assert await asyncio.wait_for(run, 10) == EndReason.INPUT_ENDED
         await h.readers_done()
     assert faults.pending() == 0
-    counts = {"retries": 2, "restarts": 1, "broken_segments": 1}
+    counts = {"retries": 2, "restarts": 1, "broken_segments": 1, "skipped_segments": 0}
     stats = session.statistics()
     assert stats.as_dict()["trickle"] == counts
     assert "trickle" not in stats.errors  # recovered from: not an error

@@ -97,7 +97,30 @@ async def test_a_reader_that_fell_behind_jumps_to_the_live_edge(
     await trickle.server.wait_for_request(lambda r: (r.method, r.seq) == ("GET", "9"))
     await publisher.write_segment(b"s9")
     assert await asyncio.wait_for(reader, 10) == [(9, b"s9")]
-    assert subscriber.statistics().jumps == 1
+    assert (subscriber.statistics().jumps, subscriber.statistics().skipped) == (1, 7)  # 2 to 8: never read
+    await publisher.close()
+
+
+async def test_behind_counts_the_segments_begun_past_the_next(
+    trickle: RunningTrickle, http: aiohttp.ClientSession
+) -> None:
+    url = _channel(trickle)
+    publisher = TricklePublisher(url, session=http, settings=S)
+    for i in range(4):
+        await publisher.write_segment(b"s%d" % i)
+    subscriber = BlockingSubscriber(url, settings=S, start_seq=0)
+
+    def behinds() -> list[int]:
+        found: list[int] = []
+        while len(found) < 4 and subscriber.next_segment() is not None:
+            found.append(subscriber.behind)
+            while subscriber.read():
+                pass
+        return found
+
+    # Seq 0 was asked for with 1-3 there, seq 1 (pre-connected then) with 2 and 3, seq 2 (pre-connected
+    # when 1 opened) and seq 3 with nothing past the one after them.
+    assert await asyncio.to_thread(behinds) == [2, 1, 0, 0]
     await publisher.close()
 
 

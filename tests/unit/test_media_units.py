@@ -11,6 +11,7 @@ import pytest
 from byoc.dev.synthetic import SyntheticStream, pattern, read_frame_index
 from byoc.media.decoder import FrameFitter, _Timestamps
 from byoc.media.encoder import EncoderSettings
+from byoc.media.items import rescale
 from byoc.media.ts import FLUSH_ACCESS_UNIT, PACKET_SIZE, first_video_pts, video_flush_packets
 
 
@@ -75,9 +76,28 @@ def test_timestamps_stay_strictly_increasing(inputs: list[int], expected: list[i
     assert [timestamps.output_pts(pts) for pts in inputs] == expected
 
 
-@pytest.mark.parametrize(("width", "height", "segment_s"), [(511, 512, 1.0), (512, 512, 2.5), (0, 512, 1.0)])
-def test_encoder_settings_refuse_what_h264_or_live_cannot_do(
-    width: int, height: int, segment_s: float
+@pytest.mark.parametrize(
+    ("width", "height", "segment_s", "audio_complexity"),
+    [(511, 512, 1.0, 5), (512, 512, 2.5, 5), (0, 512, 1.0, 5), (512, 512, 1.0, 11), (512, 512, 1.0, -1)],
+)
+def test_encoder_settings_refuse_what_h264_opus_or_live_cannot_do(
+    width: int, height: int, segment_s: float, audio_complexity: int
 ) -> None:
     with pytest.raises(ValueError, match="must be"):
-        EncoderSettings(width, height, segment_s=segment_s)
+        EncoderSettings(width, height, segment_s=segment_s, audio_complexity=audio_complexity)
+
+
+@pytest.mark.parametrize(
+    ("value", "time_base", "rate"),
+    [
+        (123_456, Fraction(1, 90000), 48000),
+        (1, Fraction(1, 48000), 90000),  # 1.875: up
+        (4, Fraction(1, 48000), 90000),  # 7.5: to the even 8
+        (12, Fraction(1, 48000), 90000),  # 22.5: to the even 22
+        (-7, Fraction(1, 44100), 90000),
+        (2**40, Fraction(1001, 30000), 90000),
+        (0, Fraction(1, 90000), 90000),
+    ],
+)
+def test_rescale_rounds_as_fraction_arithmetic_does(value: int, time_base: Fraction, rate: int) -> None:
+    assert rescale(value, time_base, rate) == round(value * time_base * rate)

@@ -3,7 +3,8 @@
 It runs on its own thread (PyAV releases the GIL while it decodes). The input is handed to it with
 :meth:`Decoder.put` from a thread (a session's input reader) or :meth:`Decoder.feed` from an event
 loop, either of which waits while ``max_buffered_bytes`` are waiting to be decoded (so the input is
-read no faster than the pipeline takes it); :meth:`Decoder.end_segment` marks the end of each trickle
+read no faster than the pipeline takes it), or read by the decoder's own thread through the function
+given to :meth:`Decoder.pull_from`; :meth:`Decoder.end_segment` marks the end of each trickle
 segment and :meth:`Decoder.end` the end of the input. Decoded frames are fitted to the session's size
 (scaled to cover, centre-cropped), optionally capped to a frame rate, given strictly increasing
 timestamps, and put on the output queue together with the decoded audio and a :class:`Boundary` after
@@ -39,7 +40,7 @@ from av.video.reformatter import VideoReformatter
 
 from byoc.errors import MediaError
 from byoc.media.codecs import ChosenCodecs, codecs_for
-from byoc.media.items import TIME_BASE, AudioItem, Boundary, InputInfo, Item, VideoItem
+from byoc.media.items import TIME_BASE, AudioItem, Boundary, InputInfo, Item, VideoItem, rescale
 from byoc.media.queues import Closed, StreamClock
 from byoc.media.stage import Stage
 from byoc.media.ts import FLUSH_UNITS, StreamTypeWatch, first_video_pts, video_flush_packets
@@ -116,7 +117,8 @@ def _put_boundary(output: DecodedOutput, segment: int) -> None:
 
 
 class _ByteFeed:
-    """The file-like object the demuxer reads: bytes fed by the loop, blocking until they come.
+    """The file-like object the demuxer reads: bytes put by another thread or the loop, blocking until
+    they come, or pulled on the reading thread (:meth:`pull_from`) when none are waiting.
 
     At the end of a segment it returns the video flush packet, then — once the demuxer asks for more,
     which means everything before has been read and decoded — it reports the boundary. The loop waits
@@ -131,6 +133,7 @@ class _ByteFeed:
     ) -> None:
         self._chunks: deque[bytes | object] = deque()
         self._on_idle = on_idle  # before the reader waits for bytes: what it decoded so far goes on
+        self._pull: Callable[[], None] | None = None  # see Decoder.pull_from
         self._cond = threading.Condition()
         self._max_bytes = max_bytes
         self._waiting_bytes = 0
@@ -156,6 +159,11 @@ class _ByteFeed:
             self._chunks.append(item)
             if isinstance(item, bytes):
                 self._waiting_bytes += len(item)
+            self._cond.notify_all()
+
+    def pull_from(self, pull: Callable[[], None] | None) -> None:
+        with self._cond:
+            self._pull = pull
             self._cond.notify_all()
 
     def wait_room(self) -> None:
@@ -215,10 +223,15 @@ class _ByteFeed:
         while True:
             if not self._chunks and not self._eof:
                 self._on_idle()  # about to wait (a racy look: at worst a wake that finds nothing new)
+                if (pull := self._pull) is not None:
+                    pull()  # reads on this thread, until it hands the reading back
+                    continue
             with self._cond:
-                self._cond.wait_for(lambda: self._chunks or self._eof)
+                self._cond.wait_for(lambda: self._chunks or self._eof or self._pull is not None)
                 if not self._chunks:
-                    return None
+                    if self._eof:
+                        return None
+                    continue  # told to pull
                 item = self._chunks.popleft()
                 if isinstance(item, bytes):
                     waited = self._waiting_bytes > self._max_bytes
@@ -409,10 +422,19 @@ class Decoder(Stage):
         self._take(data)
         await self._feed.room()
 
-    def put(self, data: bytes) -> None:
-        """:meth:`feed` from a thread other than the decoder's: waits the same way."""
+    def put(self, data: bytes, *, wait: bool = True) -> None:
+        """:meth:`feed` from a thread: waits the same way, unless not ``wait`` (what a ``pull``
+        function, which runs on the decoder's own thread, must pass)."""
         self._take(data)
-        self._feed.wait_room()
+        if wait:
+            self._feed.wait_room()
+
+    def pull_from(self, pull: Callable[[], None] | None) -> None:
+        """From any thread: when no input is waiting, the decoder's thread calls ``pull()`` to get
+        more instead of waiting for it to be put; ``pull`` puts bytes (``wait=False``), ends the
+        segment or the input, or returns having done neither (after ``pull_from(None)``: the decoder
+        then waits for input as before). Input already put is decoded first."""
+        self._feed.pull_from(pull)
 
     def _take(self, data: bytes) -> None:
         if data:
@@ -559,8 +581,9 @@ class Decoder(Stage):
         """Give every audio frame a PTS (1/90000). One PES carries one PTS for several audio frames,
         and the demuxer (probing almost nothing) leaves the later ones without: they follow the last
         frame that had one, sample by sample."""
-        if frame.pts is not None and frame.time_base:
-            frame.pts = round(frame.pts * frame.time_base * 90000)
+        pts, time_base = frame.pts, frame.time_base
+        if pts is not None and time_base:
+            frame.pts = rescale(pts, time_base, 90000)
             frame.time_base = TIME_BASE
             self._audio_anchor, self._audio_samples = frame.pts, 0
         elif self._audio_anchor is not None and frame.sample_rate:

@@ -41,7 +41,7 @@ from av.video.reformatter import VideoReformatter
 
 from byoc.errors import MediaError
 from byoc.media.codecs import NVIDIA_ENCODER, PREFERENCES, SOFTWARE_ENCODER, ChosenCodecs, codecs_for
-from byoc.media.items import TIME_BASE, AudioItem, Boundary, InputInfo, Item, VideoItem
+from byoc.media.items import TIME_BASE, AudioItem, Boundary, InputInfo, Item, VideoItem, rescale
 from byoc.media.queues import Closed, StageQueue
 from byoc.media.stage import Stage
 
@@ -52,6 +52,7 @@ __all__ = [
     "EncoderStatistics",
     "OutputSink",
     "nvenc_options",
+    "open_audio_encoder",
     "open_video_encoder",
 ]
 
@@ -105,6 +106,10 @@ class EncoderSettings:
     """libx264's constant rate factor; NVENC's constant-quality level (``cq``)."""
     codec: str = "auto"
     """Which video codecs: ``auto``, ``cpu`` or ``nvidia`` (byoc/media/codecs.py)."""
+    audio_complexity: int = 5
+    """libopus's complexity, 0-10: CPU for quality. Its own default, 10, cost twice as much as 5 (on
+    the benchmark machine 0.25 against 0.13 ms a 20 ms frame: over a tenth of a passthrough
+    session's CPU), for a difference hard to hear at 96 kb/s stereo."""
 
     def __post_init__(self) -> None:
         if self.codec not in PREFERENCES:
@@ -113,6 +118,8 @@ class EncoderSettings:
             codecs_for(self.codec, announce=False)
         if not 0.1 <= self.segment_s <= MAX_SEGMENT_S:
             raise ValueError(f"segment_s must be within 0.1..{MAX_SEGMENT_S} s, got {self.segment_s}")
+        if not 0 <= self.audio_complexity <= 10:
+            raise ValueError(f"audio_complexity must be within 0..10, got {self.audio_complexity}")
         if self.width <= 0 or self.height <= 0 or self.width % 2 or self.height % 2:
             raise ValueError(
                 f"width and height must be positive even numbers, got {self.width}x{self.height}"
@@ -173,6 +180,22 @@ def open_video_encoder(settings: EncoderSettings, name: str | None = None) -> av
     return encoder
 
 
+def open_audio_encoder(settings: EncoderSettings) -> av.AudioCodecContext:
+    """An open Opus encoder for the output: 48 kHz stereo float, 96 kb/s, 20 ms frames, the
+    settings' complexity."""
+    encoder = av.CodecContext.create("libopus", "w")
+    assert isinstance(encoder, av.AudioCodecContext)
+    encoder.sample_rate, encoder.layout, encoder.format = _AUDIO_RATE, "stereo", "flt"
+    encoder.time_base = _AUDIO_TIME_BASE
+    encoder.bit_rate = 96000
+    encoder.options = {
+        "frame_duration": str(_OPUS_FRAME_MS),
+        "compression_level": str(settings.audio_complexity),
+    }
+    encoder.open()
+    return encoder
+
+
 def _open_nvenc(settings: EncoderSettings) -> av.VideoCodecContext:
     encoder = av.CodecContext.create(NVIDIA_ENCODER, "w")
     assert isinstance(encoder, av.VideoCodecContext)
@@ -190,9 +213,10 @@ def _audio_ticks(frame: av.AudioFrame) -> int:
 
 def _audio_start(frame: av.AudioFrame) -> int | None:
     """Where the frame starts on the 48 kHz sample clock (from its timestamp), if it has one."""
-    if frame.pts is None or not frame.time_base:
+    pts, time_base = frame.pts, frame.time_base
+    if pts is None or not time_base:
         return None
-    return round(frame.pts * frame.time_base * _AUDIO_RATE)
+    return rescale(pts, time_base, _AUDIO_RATE)
 
 
 class _SegmentWriter:
@@ -375,7 +399,7 @@ class Encoder(Stage):
         self._audio_stream = None
         if self._want_audio and not self._audio_off and self._audio is None:
             try:
-                self._audio = self._audio_encoder()
+                self._audio = open_audio_encoder(self.settings)
             except Exception as exc:  # no audio problem may end the session
                 self._audio_failed(exc)
                 self._audio_off = True
@@ -412,16 +436,6 @@ class Encoder(Stage):
                 )
                 self._video = open_video_encoder(self.settings, SOFTWARE_ENCODER)
         return self._video
-
-    def _audio_encoder(self) -> av.AudioCodecContext:
-        encoder = av.CodecContext.create("libopus", "w")
-        assert isinstance(encoder, av.AudioCodecContext)
-        encoder.sample_rate, encoder.layout, encoder.format = _AUDIO_RATE, "stereo", "flt"
-        encoder.time_base = _AUDIO_TIME_BASE
-        encoder.bit_rate = 96000
-        encoder.options = {"frame_duration": str(_OPUS_FRAME_MS)}
-        encoder.open()
-        return encoder
 
     def _encode_video(self, item: VideoItem) -> None:
         encoder = self._video_encoder()
@@ -567,12 +581,13 @@ class Encoder(Stage):
         assert container is not None
         assert stream is not None
         for packet in packets:
-            if packet.pts is None or packet.time_base is None:
+            time_base = packet.time_base
+            if packet.pts is None or time_base is None:
                 continue
-            pts = round(packet.pts * packet.time_base * 90000)
+            pts = rescale(packet.pts, time_base, 90000)
             if self._audio_last_dts is not None and pts <= self._audio_last_dts:
                 continue  # cannot happen on the sample clock; the muxer would refuse it
-            duration = round((packet.duration or 0) * packet.time_base * 90000)
+            duration = rescale(packet.duration or 0, time_base, 90000)
             packet.pts = packet.dts = pts
             packet.duration = duration
             packet.time_base = TIME_BASE

@@ -134,6 +134,9 @@ class Settings:
     )
     preset: str = _setting(_ENCODER.preset, "x264 preset of the output")
     crf: int = _setting(_ENCODER.crf, "x264 constant rate factor of the output")
+    audio_complexity: int = _setting(
+        _ENCODER.audio_complexity, "Opus encoder complexity of the output audio, 0-10 (CPU for quality)"
+    )
     codec: str = _setting(
         _ENCODER.codec,
         "video codecs: auto (NVIDIA NVDEC/NVENC where they work, else software), cpu (software) or "
@@ -360,7 +363,13 @@ class Settings:
 
     def encoder(self) -> EncoderSettings:
         """The output's encoding (each session sets its own width and height)."""
-        return EncoderSettings(segment_s=self.segment_s, preset=self.preset, crf=self.crf, codec=self.codec)
+        return EncoderSettings(
+            segment_s=self.segment_s,
+            preset=self.preset,
+            crf=self.crf,
+            codec=self.codec,
+            audio_complexity=self.audio_complexity,
+        )
 
     def drain_budget(self) -> DrainBudget:
         return DrainBudget.from_total(self.drain_timeout_s)

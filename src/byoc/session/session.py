@@ -501,6 +501,7 @@ class Session:
             retries=sum(s.retries for s in subscribers) + sum(p.retries for p in publishers),
             restarts=sum(s.restarts for s in subscribers),
             broken_segments=sum(p.broken_segments for p in publishers),
+            skipped_segments=sum(s.skipped for s in subscribers),
         )
 
     # --- the session ----------------------------------------------------------------------------

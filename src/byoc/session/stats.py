@@ -78,9 +78,17 @@ class TrickleCounts:
     """Segment bodies that broke off and were read again from where they stopped."""
     broken_segments: int = 0
     """Published segments whose upload broke off; the next one went out in a new segment."""
+    skipped_segments: int = 0
+    """Segments never read: the server no longer had them when the reader asked for them (it fell
+    behind the channel's retention, five segments). Their frames never reached the session."""
 
     def as_dict(self) -> dict[str, int]:
-        return {"retries": self.retries, "restarts": self.restarts, "broken_segments": self.broken_segments}
+        return {
+            "retries": self.retries,
+            "restarts": self.restarts,
+            "broken_segments": self.broken_segments,
+            "skipped_segments": self.skipped_segments,
+        }
 
 
 @dataclass(frozen=True, slots=True)

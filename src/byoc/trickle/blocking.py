@@ -219,16 +219,30 @@ class BlockingSubscriber:
         self._last_whole = False  # the last segment arrived whole (see deleted_after_last)
         self._preconnect: tuple[int, http.client.HTTPConnection] | None = None
         self._failure: TrickleError | None = None  # a re-read that failed: raised by next_segment()
+        self._behind = 0
         self._segments = self._bytes = self._jumps = self._retries = self._restarts = self._refreshes = 0
+        self._skipped = 0
 
     @property
     def closed(self) -> bool:
         """True once :meth:`close` was called."""
         return self._closed
 
+    @property
+    def behind(self) -> int:
+        """How many segments the server had begun after the last one opened and the one after it
+        (pre-connected), when it answered that segment's GET: 0 at the live edge."""
+        return self._behind
+
     def statistics(self) -> SubscriberStatistics:
         return SubscriberStatistics(
-            self._segments, self._bytes, self._jumps, self._retries, self._restarts, self._refreshes
+            self._segments,
+            self._bytes,
+            self._jumps,
+            self._retries,
+            self._restarts,
+            self._refreshes,
+            self._skipped,
         )
 
     def close(self) -> None:
@@ -386,6 +400,8 @@ class BlockingSubscriber:
                 classify_get(response.status, _headers(response), seq), again is None and self._last_whole
             )
             if isinstance(outcome, SegmentReady) and again in (None, outcome.seq):
+                latest = outcome.latest
+                self._behind = 0 if latest is None else max(0, latest - outcome.seq - 2)
                 self._start_preconnect(outcome.seq + 1)
                 return outcome.seq, connection, response
             self._connections.discard(connection)
@@ -394,6 +410,7 @@ class BlockingSubscriber:
             if isinstance(outcome, JumpToLatest) and (again is not None or outcome.latest != seq):
                 log.info("%s: seq %d is gone, jumping to the live edge %d", self.url, seq, outcome.latest)
                 self._jumps += 1
+                self._skipped += max(0, outcome.latest - self._seq)
                 self._seq = outcome.latest
                 if again is None:
                     continue

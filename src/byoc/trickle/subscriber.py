@@ -60,6 +60,9 @@ class SubscriberStatistics:
     retries: int
     restarts: int
     refreshes: int
+    skipped: int = 0
+    """Seqs jumped over: the server no longer had them when the reader asked (it fell behind the
+    channel's retention), so they were never read."""
 
 
 class SubscribedSegment:
@@ -149,6 +152,7 @@ class TrickleSubscriber:
         self._last_whole = False  # the last segment arrived whole (see deleted_after_last)
         self._preconnect: tuple[int, asyncio.Task[aiohttp.ClientResponse]] | None = None
         self._segments = self._bytes = self._jumps = self._retries = self._restarts = self._refreshes = 0
+        self._skipped = 0
         # No total timeout: a GET may wait long for its first byte (the refresh above bounds that);
         # once a body flows, a gap longer than idle_read_timeout_s means the connection is dead.
         self._timeout = aiohttp.ClientTimeout(
@@ -179,7 +183,13 @@ class TrickleSubscriber:
 
     def statistics(self) -> SubscriberStatistics:
         return SubscriberStatistics(
-            self._segments, self._bytes, self._jumps, self._retries, self._restarts, self._refreshes
+            self._segments,
+            self._bytes,
+            self._jumps,
+            self._retries,
+            self._restarts,
+            self._refreshes,
+            self._skipped,
         )
 
     async def next_segment(self) -> SubscribedSegment | None:
@@ -300,6 +310,7 @@ class TrickleSubscriber:
             if isinstance(outcome, JumpToLatest) and (again is not None or outcome.latest != seq):
                 log.info("%s: seq %d is gone, jumping to the live edge %d", self.url, seq, outcome.latest)
                 self._jumps += 1
+                self._skipped += max(0, outcome.latest - self._seq)
                 self._seq = outcome.latest
                 if again is None:
                     continue

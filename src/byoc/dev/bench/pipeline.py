@@ -29,7 +29,6 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,7 @@ from byoc.dev.corpus import FfmpegNotFound
 from byoc.dev.synthetic import publish_live
 from byoc.dev.trickle_server import serve_trickle
 from byoc.media.decoder import FrameFitter
-from byoc.media.encoder import EncoderSettings, open_video_encoder
+from byoc.media.encoder import EncoderSettings, open_audio_encoder, open_video_encoder
 from byoc.media.ts import first_video_pts
 from byoc.session.stats import percentile
 from byoc.trickle.client import TrickleClientSettings, create_client_session
@@ -55,7 +54,7 @@ from byoc.trickle.layout import StreamChannels
 from byoc.trickle.publisher import TricklePublisher
 from byoc.trickle.subscriber import TrickleSubscriber
 
-__all__ = ["PipelineReport", "run_pipeline_bench"]
+__all__ = ["PipelineReport", "raw_live_cpu_ms_per_frame", "run_pipeline_bench"]
 
 _VIDEO_PID = 0x100
 _CHILD_COMMAND = ["-m", "byoc.dev.bench.pipeline"]
@@ -111,18 +110,6 @@ _OPUS_FRAME = 960
 """20 ms at 48 kHz: the Opus frames the session's encoder makes."""
 
 
-def _opus_encoder() -> av.AudioCodecContext:
-    """The session's audio encoder: Opus, 48 kHz stereo, 96 kb/s, 20 ms frames."""
-    encoder = av.CodecContext.create("libopus", "w")
-    assert isinstance(encoder, av.AudioCodecContext)
-    encoder.sample_rate, encoder.layout, encoder.format = 48000, "stereo", "flt"
-    encoder.time_base = Fraction(1, 48000)
-    encoder.bit_rate = 96000
-    encoder.options = {"frame_duration": "20"}
-    encoder.open()
-    return encoder
-
-
 def _raw_cpu_ms_per_frame(data: bytes, settings: EncoderSettings, *, fps: float | None) -> tuple[float, int]:
     """The bare loop: decode every frame and encode it again with the session's encoder settings.
 
@@ -147,7 +134,7 @@ def _raw_cpu_ms_per_frame(data: bytes, settings: EncoderSettings, *, fps: float 
                 "h264", rate=settings.fps, width=settings.width, height=settings.height
             )
             sound = output.add_mux_stream("opus", rate=48000) if audio is not None else None
-            opus = _opus_encoder() if audio is not None else None
+            opus = open_audio_encoder(settings) if audio is not None else None
             resampler = av.AudioResampler(format="flt", layout="stereo", rate=48000, frame_size=_OPUS_FRAME)
             next_sample = 0
 
@@ -203,6 +190,16 @@ async def _child_process(*args: str, profile: str | None = None) -> dict[str, An
     return report
 
 
+async def raw_live_cpu_ms_per_frame(data: bytes, fps: float) -> tuple[float, int]:
+    """The raw loop (decode and encode, as a session does) on the TS bytes ``data`` at live pace, in
+    a process of its own: CPU ms a video frame, and the number of video frames."""
+    with tempfile.NamedTemporaryFile(suffix=".ts") as input_file:
+        input_file.write(data)
+        input_file.flush()
+        report = await _child_process("--raw", input_file.name, "--raw-fps", str(fps))
+    return report["cpu_ms_per_frame"], report["frames"]
+
+
 async def run_pipeline_bench(
     seconds: float = 20,
     *,
@@ -218,6 +215,7 @@ async def run_pipeline_bench(
         raise ValueError(f"delivery must be one of {', '.join(DELIVERY_CHOICES)}, got {delivery!r}")
     source: BenchInput = await asyncio.to_thread(bench_input, input_name, seconds)
     segments = source.segments
+    data = b"".join(b"".join(chunks) for chunks in segments)
     first_pts = [first_video_pts(b"".join(chunks), _VIDEO_PID) for chunks in segments]
     settings = EncoderSettings()
     async with serve_trickle() as trickle, create_client_session(TrickleClientSettings()) as http:
@@ -235,35 +233,31 @@ async def run_pipeline_bench(
             output = channels.url(trickle.base_url, "output")
             async with TrickleSubscriber(output, session=http, start_seq=0) as subscriber:
                 async for segment in subscriber:
-                    data = await segment.read()
-                    pts = first_video_pts(data, _VIDEO_PID)
+                    body = await segment.read()
+                    pts = first_video_pts(body, _VIDEO_PID)
                     if pts is not None:
                         output_ends[pts] = time.monotonic()
 
         reader = asyncio.create_task(read_output())
         publisher = TricklePublisher(channels.url(trickle.base_url, "input"), session=http)
-        with tempfile.NamedTemporaryFile(suffix=".ts") as input_file:
-            input_file.write(b"".join(b"".join(s) for s in segments))
-            input_file.flush()
-            # The raw loop runs at the same time, in a process of its own: same machine, same load.
-            raw = asyncio.create_task(_child_process("--raw", input_file.name, "--raw-fps", str(source.fps)))
-            input_ends = await publish_live(
-                publisher,
-                segments,
-                fps=source.fps,
-                delivery=source.delivery(delivery),
-                segment_s=source.segment_s,
-            )
-            await publisher.close()
-            report, raw_report = await asyncio.gather(child, raw)
+        # The raw loop runs at the same time, in a process of its own: same machine, same load.
+        raw = asyncio.create_task(raw_live_cpu_ms_per_frame(data, source.fps))
+        input_ends = await publish_live(
+            publisher,
+            segments,
+            fps=source.fps,
+            delivery=source.delivery(delivery),
+            segment_s=source.segment_s,
+        )
+        await publisher.close()
+        report, (raw_ms, raw_frames) = await asyncio.gather(child, raw)
         await reader
-    flat_out_ms, _ = _raw_cpu_ms_per_frame(b"".join(b"".join(s) for s in segments), settings, fps=None)
+    flat_out_ms, _ = _raw_cpu_ms_per_frame(data, settings, fps=None)
     latencies = sorted(
         (output_ends[pts] - end) * 1000
         for pts, end in zip(first_pts, input_ends, strict=True)
         if pts is not None and pts in output_ends
     )
-    raw_ms, raw_frames = raw_report["cpu_ms_per_frame"], raw_report["frames"]
     session_ms = report["cpu_s"] * 1000 / max(report["frames_out"], 1)
     audio = report["audio"]
     return PipelineReport(

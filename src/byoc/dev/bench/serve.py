@@ -14,7 +14,10 @@ spread or burst; see :mod:`byoc.dev.bench.inputs`), and measures in the containe
   the largest p99;
 * ``/health`` latency, polled at 20 Hz from a separate process (``byoc.dev.bench.probe``);
 * beside the container's cores, the cores the benchmark itself used (trickle server, publishers,
-  readers, probe) and the machine's idle cores, so that a step's CPU can be accounted for.
+  readers, probe) and the machine's idle cores, so that a step's CPU can be accounted for;
+* the codec floor: the cores N streams would take doing nothing but decode and encode at live pace,
+  from the CPU a frame of ``byoc bench pipeline``'s raw PyAV loop on the same input, measured alone
+  (one stream, in a process of its own) before the steps.
 
 A step is real-time when every session delivers at least 95 % of the input frame rate and drops at
 most 1 % of its video frames. It also reports the container's cold start (spawn to ``/health`` 200).
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 import time
@@ -41,6 +45,7 @@ from byoc.dev.bench.inputs import (
     add_arguments,
     bench_input,
 )
+from byoc.dev.bench.pipeline import raw_live_cpu_ms_per_frame
 from byoc.dev.children import ByocProcess
 from byoc.dev.corpus import FfmpegNotFound
 from byoc.dev.procs import machine_cpu, tree_cpu, tree_rss
@@ -54,6 +59,8 @@ from byoc.trickle.publisher import TricklePublisher
 __all__ = ["ServeReport", "StepReport", "run_serve_bench", "start_streams"]
 
 _MB = 1024 * 1024
+_FLOOR_S = 5.0
+"""Seconds of input the codec floor is measured on."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,8 @@ class StepReport:
     /health probe. They share the machine with the container."""
     idle_cores: float = 0.0
     """The machine's idle cores over the window (/proc/stat): what neither took."""
+    floor_cores: float = 0.0
+    """The cores the sessions' codec work alone takes at live pace (:attr:`ServeReport.floor_ms`)."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,9 @@ class ServeReport:
     cold_start_s: float
     base_rss_mb: float
     isolation: str = "thread"
+    floor_ms: float = 0.0
+    """CPU ms a video frame of the raw PyAV loop (decode, fit, encode; audio to Opus) on the input at
+    live pace, one stream alone, before the steps: the machine's codec floor at the time."""
     steps: list[StepReport] = field(default_factory=list)
 
     @property
@@ -109,11 +121,12 @@ class ServeReport:
             f"byoc serve {self.processor} (isolation {self.isolation}): cold start to ready "
             f"{self.cold_start_s:.2f} s, "
             f"idle RSS {self.base_rss_mb:.0f} MB; each step {self.seconds:.0f} s a session of {self.input}, "
-            f"{self.delivery} delivery; frames and audio out: all sessions over the measured window",
+            f"{self.delivery} delivery; frames and audio out: all sessions over the measured window; "
+            f"codec floor (raw PyAV at live pace, one stream alone): {self.floor_ms:.2f} ms a frame",
             f"{'N':>3} {'fps min':>8} {'fps mean':>9} {'dropped':>8} {'window':>7} {'frames':>7} "
             f"{'audio pk':>9} {'audio s':>8} {'CPU ms/fr':>10} {'cores':>6} {'RSS MB':>7} "
             f"{'latency p50':>12} {'p99':>7} {'health p50':>11} {'p99':>7} {'bench cores':>12} "
-            f"{'idle':>5}  real-time",
+            f"{'idle':>5} {'floor cores':>12}  real-time",
         ]
         for s in self.steps:
             lines.append(
@@ -122,8 +135,8 @@ class ServeReport:
                 f"{s.audio_seconds_out:>8.2f} "
                 f"{s.cpu_ms_per_frame:>10.2f} {s.cpu_cores:>6.2f} {s.rss_mb:>7.0f} "
                 f"{s.latency_p50_ms:>10.1f}ms {s.latency_p99_ms:>5.1f}ms {s.health_p50_ms:>9.1f}ms "
-                f"{s.health_p99_ms:>5.1f}ms {s.harness_cores:>12.2f} {s.idle_cores:>5.2f}  "
-                f"{'yes' if s.real_time else 'NO'}"
+                f"{s.health_p99_ms:>5.1f}ms {s.harness_cores:>12.2f} {s.idle_cores:>5.2f} "
+                f"{s.floor_cores:>12.2f}  {'yes' if s.real_time else 'NO'}"
             )
         lines.append(f"largest real-time step: {self.max_real_time} sessions in one process")
         return lines
@@ -137,6 +150,7 @@ async def _step(
     source: BenchInput,
     delivery: str,
     seconds: float,
+    floor_ms: float,
 ) -> StepReport:
     streams = await start_streams(http, container, trickle, [f"bench{n}-{i}" for i in range(n)])
     publishers = [
@@ -217,7 +231,14 @@ async def _step(
         real_time=min(fps) >= 0.95 * source.fps and dropped / decoded <= 0.01,
         harness_cores=harness / elapsed,
         idle_cores=idle / elapsed,
+        floor_cores=n * source.fps * floor_ms / 1000,
     )
+
+
+def _first(source: BenchInput, seconds: float) -> bytes:
+    """The input's first whole segments that last at least ``seconds`` (all of it if shorter)."""
+    count = max(1, math.ceil(seconds / source.segment_s))
+    return b"".join(b"".join(chunks) for chunks in source.segments[:count])
 
 
 def _own_cpu() -> float:
@@ -290,6 +311,7 @@ async def run_serve_bench(
             await container.start()
             await container.wait_healthy(http)
             cold_start = time.monotonic() - began
+            floor_ms, _ = await raw_live_cpu_ms_per_frame(_first(source, _FLOOR_S), source.fps)
             report = ServeReport(
                 processor,
                 source.description,
@@ -298,9 +320,10 @@ async def run_serve_bench(
                 cold_start,
                 tree_rss(container.pid) / _MB,
                 isolation,
+                floor_ms,
             )
             for n in steps:
-                step = await _step(n, container, trickle, http, source, delivery, seconds)
+                step = await _step(n, container, trickle, http, source, delivery, seconds, floor_ms)
                 report.steps.append(step)
                 print(report.lines()[2 + len(report.steps) - 1], file=sys.stderr, flush=True)
                 if stop_when_late and not step.real_time:
