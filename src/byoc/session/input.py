@@ -27,6 +27,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from byoc.errors import TrickleError
 from byoc.media.decoder import Decoder
@@ -39,17 +40,14 @@ PULL_PERIOD_S = 0.25
 """Segments that start at least this far apart may be read on the decoder's thread."""
 
 
+@dataclass(frozen=True, slots=True)
 class InputStatistics:
-    """How many input segments were opened by the reading thread (``ahead``) and by the decoder's
-    (``pulled``), and how often the reading changed hands (``handovers``)."""
+    """How many input segments the reading thread opened (``ahead``) and the decoder's (``pulled``),
+    and how often the reading changed hands (``handovers``)."""
 
-    __slots__ = ("ahead", "handovers", "pulled")
-
-    def __init__(self, ahead: int, pulled: int, handovers: int) -> None:
-        self.ahead, self.pulled, self.handovers = ahead, pulled, handovers
-
-    def as_dict(self) -> dict[str, int]:
-        return {"ahead": self.ahead, "pulled": self.pulled, "handovers": self.handovers}
+    ahead: int
+    pulled: int
+    handovers: int
 
 
 class InputReader(Stage):
