@@ -11,7 +11,7 @@ one of two ways, and moves between them at segment starts:
 * **pulled**, on the decoder's thread (:meth:`Decoder.pull_from
   <byoc.media.decoder.Decoder.pull_from>`): the decoder reads the socket itself when it has decoded
   everything it had. One thread wakes per arrival instead of two, about 0.1 ms of CPU a frame
-  (README, "Media I/O off the event loop").
+  (README, "Reading where it costs least").
 
 The reader starts ahead, and lets the decoder pull while segments start at least
 :data:`PULL_PERIOD_S` apart and the server has nothing newer than the segment just opened and the one
