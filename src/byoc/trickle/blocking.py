@@ -55,7 +55,7 @@ from byoc.trickle.protocol import (
     terminal_post_error,
 )
 from byoc.trickle.publisher import PublisherStatistics, SegmentLoss
-from byoc.trickle.subscriber import SubscriberStatistics
+from byoc.trickle.subscriber import SubscriberCounters, SubscriberStatistics
 
 __all__ = ["BlockingPublisher", "BlockingSubscriber"]
 
@@ -220,8 +220,7 @@ class BlockingSubscriber:
         self._preconnect: tuple[int, http.client.HTTPConnection] | None = None
         self._failure: TrickleError | None = None  # a re-read that failed: raised by next_segment()
         self._behind = 0
-        self._segments = self._bytes = self._jumps = self._retries = self._restarts = self._refreshes = 0
-        self._skipped = 0
+        self._counts = SubscriberCounters()
 
     @property
     def closed(self) -> bool:
@@ -235,15 +234,7 @@ class BlockingSubscriber:
         return self._behind
 
     def statistics(self) -> SubscriberStatistics:
-        return SubscriberStatistics(
-            self._segments,
-            self._bytes,
-            self._jumps,
-            self._retries,
-            self._restarts,
-            self._refreshes,
-            self._skipped,
-        )
+        return self._counts.snapshot()
 
     def close(self) -> None:
         """Stop (from any thread): what the reader waits for ends, and it reads nothing more."""
@@ -268,7 +259,7 @@ class BlockingSubscriber:
             return None
         seq, connection, response = got
         self._seq = seq + 1
-        self._segments += 1
+        self._counts.segments += 1
         self._reading, self._received = (seq, connection, response), 0
         return seq
 
@@ -292,7 +283,7 @@ class BlockingSubscriber:
                     return b""
                 if got is None:
                     return b""
-                self._restarts += 1
+                self._counts.restarts += 1
                 skip = self._received
                 self._reading = (seq, got[1], got[2])
                 if skip:
@@ -304,7 +295,7 @@ class BlockingSubscriber:
                 self._connections.reuse(connection, response)
                 return b""
             self._received += len(data)
-            self._bytes += len(data)
+            self._counts.bytes += len(data)
             return data
         return b""
 
@@ -329,7 +320,7 @@ class BlockingSubscriber:
         if delay is None:
             self._ended = True
             raise RetriesExhausted(f"giving up after {state.failures} failures, last: {reason}", url=self.url)
-        self._retries += 1
+        self._counts.retries += 1
         log.info("%s: retrying in %.2fs (%s)", self.url, delay, reason)
         self._connections.shut_down.wait(delay)
         return state
@@ -354,7 +345,7 @@ class BlockingSubscriber:
                 self._connections.discard(connection)
                 if self.closed:
                     raise
-                self._refreshes += 1
+                self._counts.refreshes += 1
                 log.debug(
                     "%s/%d: no first byte after %.0fs, re-issuing the GET",
                     self.url,
@@ -409,8 +400,7 @@ class BlockingSubscriber:
                 return None  # another seq answered: the one to read again is gone
             if isinstance(outcome, JumpToLatest) and (again is not None or outcome.latest != seq):
                 log.info("%s: seq %d is gone, jumping to the live edge %d", self.url, seq, outcome.latest)
-                self._jumps += 1
-                self._skipped += max(0, outcome.latest - self._seq)
+                self._counts.jumped(self._seq, outcome.latest)
                 self._seq = outcome.latest
                 if again is None:
                     continue

@@ -65,6 +65,29 @@ class SubscriberStatistics:
     channel's retention), so they were never read."""
 
 
+@dataclass(slots=True)
+class SubscriberCounters:
+    """What a subscriber counts as it reads (the asyncio one here and the blocking one alike)."""
+
+    segments: int = 0
+    bytes: int = 0
+    jumps: int = 0
+    retries: int = 0
+    restarts: int = 0
+    refreshes: int = 0
+    skipped: int = 0
+
+    def jumped(self, seq: int, latest: int) -> None:
+        """A 470 moved the reader from ``seq``, the next it was to read, to the live edge ``latest``."""
+        self.jumps += 1
+        self.skipped += max(0, latest - seq)
+
+    def snapshot(self) -> SubscriberStatistics:
+        return SubscriberStatistics(
+            self.segments, self.bytes, self.jumps, self.retries, self.restarts, self.refreshes, self.skipped
+        )
+
+
 class SubscribedSegment:
     """One segment being received. Iterate it for its bytes as they arrive."""
 
@@ -100,7 +123,7 @@ class SubscribedSegment:
                 if self._response is None:
                     return
                 self.restarts += 1
-                self._owner._restarts += 1
+                self._owner._counts.restarts += 1
                 skip = self.received
                 continue
             if not chunk:
@@ -114,7 +137,7 @@ class SubscribedSegment:
                 chunk = chunk[skip:]
                 skip = 0
             self.received += len(chunk)
-            self._owner._bytes += len(chunk)
+            self._owner._counts.bytes += len(chunk)
             yield chunk
 
     async def read(self) -> bytes:
@@ -151,8 +174,7 @@ class TrickleSubscriber:
         self._current: SubscribedSegment | None = None
         self._last_whole = False  # the last segment arrived whole (see deleted_after_last)
         self._preconnect: tuple[int, asyncio.Task[aiohttp.ClientResponse]] | None = None
-        self._segments = self._bytes = self._jumps = self._retries = self._restarts = self._refreshes = 0
-        self._skipped = 0
+        self._counts = SubscriberCounters()
         # No total timeout: a GET may wait long for its first byte (the refresh above bounds that);
         # once a body flows, a gap longer than idle_read_timeout_s means the connection is dead.
         self._timeout = aiohttp.ClientTimeout(
@@ -182,15 +204,7 @@ class TrickleSubscriber:
         return self._ended
 
     def statistics(self) -> SubscriberStatistics:
-        return SubscriberStatistics(
-            self._segments,
-            self._bytes,
-            self._jumps,
-            self._retries,
-            self._restarts,
-            self._refreshes,
-            self._skipped,
-        )
+        return self._counts.snapshot()
 
     async def next_segment(self) -> SubscribedSegment | None:
         """The next segment, or None at the end of the stream. Raises ChannelGone on 404."""
@@ -205,7 +219,7 @@ class TrickleSubscriber:
             return None
         seq, response = got
         self._seq = seq + 1
-        self._segments += 1
+        self._counts.segments += 1
         self._current = SubscribedSegment(self, seq, response)
         return self._current
 
@@ -231,7 +245,7 @@ class TrickleSubscriber:
         if delay is None:
             self._ended = True
             raise RetriesExhausted(f"giving up after {state.failures} failures, last: {reason}", url=self.url)
-        self._retries += 1
+        self._counts.retries += 1
         log.info("%s: retrying in %.2fs (%s)", self.url, delay, reason)
         await asyncio.sleep(delay)
         return state
@@ -255,7 +269,7 @@ class TrickleSubscriber:
                     return await self._session.get(url, timeout=self._timeout, allow_redirects=False)
             if not timeout.expired():
                 raise TimeoutError(f"connect timeout for {url}")
-            self._refreshes += 1
+            self._counts.refreshes += 1
             log.debug(
                 "%s: no first byte after %.0fs, re-issuing the GET", url, self.settings.preconnect_refresh_s
             )
@@ -309,8 +323,7 @@ class TrickleSubscriber:
                 return None
             if isinstance(outcome, JumpToLatest) and (again is not None or outcome.latest != seq):
                 log.info("%s: seq %d is gone, jumping to the live edge %d", self.url, seq, outcome.latest)
-                self._jumps += 1
-                self._skipped += max(0, outcome.latest - self._seq)
+                self._counts.jumped(self._seq, outcome.latest)
                 self._seq = outcome.latest
                 if again is None:
                     continue
