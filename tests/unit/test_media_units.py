@@ -100,4 +100,4 @@ def test_encoder_settings_refuse_what_h264_opus_or_live_cannot_do(
     ],
 )
 def test_rescale_rounds_as_fraction_arithmetic_does(value: int, time_base: Fraction, rate: int) -> None:
-    assert rescale(value, time_base, rate) == round(value * time_base * rate)
+    assert rescale(value, time_base.as_integer_ratio(), rate) == round(value * time_base * rate)

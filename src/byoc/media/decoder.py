@@ -134,7 +134,11 @@ class _ByteFeed:
         self._chunks: deque[bytes | object] = deque()
         self._on_idle = on_idle  # before the reader waits for bytes: what it decoded so far goes on
         self._pull: Callable[[], None] | None = None  # see Decoder.pull_from
-        self._cond = threading.Condition()
+        # The reader takes the lock directly and is notified only when it waits: a Condition's own
+        # ``with`` and notify are Python calls, several for every chunk of input.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._reader_waits = False
         self._max_bytes = max_bytes
         self._waiting_bytes = 0
         self._reader_gone = False
@@ -155,11 +159,12 @@ class _ByteFeed:
         """The PTS of the first video PES after a flush (the demuxer loses it)."""
 
     def put(self, item: bytes | object) -> None:
-        with self._cond:
+        with self._lock:
             self._chunks.append(item)
             if isinstance(item, bytes):
                 self._waiting_bytes += len(item)
-            self._cond.notify_all()
+            if self._reader_waits:
+                self._cond.notify_all()
 
     def pull_from(self, pull: Callable[[], None] | None) -> None:
         with self._cond:
@@ -226,8 +231,11 @@ class _ByteFeed:
                 if (pull := self._pull) is not None:
                     pull()  # reads on this thread, until it hands the reading back
                     continue
-            with self._cond:
-                self._cond.wait_for(lambda: self._chunks or self._eof or self._pull is not None)
+            with self._lock:
+                if not (self._chunks or self._eof or self._pull is not None):
+                    self._reader_waits = True
+                    self._cond.wait_for(lambda: self._chunks or self._eof or self._pull is not None)
+                    self._reader_waits = False
                 if not self._chunks:
                     if self._eof:
                         return None
@@ -237,7 +245,8 @@ class _ByteFeed:
                     waited = self._waiting_bytes > self._max_bytes
                     self._waiting_bytes -= len(item)
                     if self._waiting_bytes <= self._max_bytes:
-                        self._wake_loop()
+                        if self._room_waiter is not None:
+                            self._wake_loop()
                         if waited:
                             self._cond.notify_all()
             if item is _SEGMENT_END:
@@ -333,26 +342,22 @@ class _Timestamps:
     """Strictly increasing video PTS: small steps back are rejected, big jumps are re-based."""
 
     def __init__(self) -> None:
-        self._offset = 0
+        self.offset = 0
+        """What is added to the input's timestamps (the audio's move with the video's)."""
         self._last: int | None = None
         self._step = 3000
 
-    @property
-    def offset(self) -> int:
-        """What is added to the input's timestamps (the audio's move with the video's)."""
-        return self._offset
-
     def output_pts(self, pts: int) -> int | None:
-        out = pts + self._offset
+        out = pts + self.offset
         last = self._last
         if last is not None:
             if out <= last:
                 if last - out < 90000:  # a late or repeated frame
                     return None
-                self._offset += last + self._step - out  # the input restarted its clock
+                self.offset += last + self._step - out  # the input restarted its clock
                 out = last + self._step
             elif out - last > _MAX_FORWARD_JUMP:
-                self._offset -= out - last - self._step
+                self.offset -= out - last - self._step
                 out = last + self._step
             else:
                 self._step = min(out - last, 90000)
@@ -411,6 +416,7 @@ class Decoder(Stage):
         self._decoded = self._capped = self._rejected = 0
         self._has_audio = False
         self._audio_errors = 0
+        self._audio_time_base: tuple[int, int] | None = None  # the audio stream's, where not TIME_BASE
         self._audio_anchor: int | None = None  # the last audio PTS the input gave
         self._audio_samples = 0  # audio samples since that PTS
 
@@ -496,8 +502,14 @@ class Decoder(Stage):
             self._video_context = self._open_video_decoder(self._input_codec, video.codec_context)
             streams: list[av.stream.Stream] = [video]
             if container.streams.audio:
-                streams.append(container.streams.audio[0])
+                audio = container.streams.audio[0]
+                streams.append(audio)
                 self._has_audio = True
+                # Decoded audio frames carry their stream's time base (MPEG-TS's is TIME_BASE): read once
+                # here, as PyAV builds a Fraction, in pure Python, every time a frame's is read.
+                time_base = audio.time_base
+                if time_base is not None and time_base != TIME_BASE:
+                    self._audio_time_base = time_base.as_integer_ratio()
             self._output.put(InputInfo(has_audio=self._has_audio), droppable=False)
             demux_errors = 0
             while True:
@@ -515,7 +527,7 @@ class Decoder(Stage):
     def _decode_packet(self, packet: av.Packet[Any], video: av.stream.Stream) -> None:
         if packet.stream is video and self._flush_unit and _is_flush_leftover(packet, self._flush_unit):
             return  # flush delimiters with no frame after them (the end of the input)
-        if packet.pts is not None:
+        if packet.pts is not None and self._wrap_shift != 0:
             self._restore_wrapped(packet)
         resume = self._feed.resume_pts
         if resume is not None and packet.stream is video and packet.size:
@@ -581,14 +593,16 @@ class Decoder(Stage):
         """Give every audio frame a PTS (1/90000). One PES carries one PTS for several audio frames,
         and the demuxer (probing almost nothing) leaves the later ones without: they follow the last
         frame that had one, sample by sample."""
-        pts, time_base = frame.pts, frame.time_base
-        if pts is not None and time_base:
-            frame.pts = rescale(pts, time_base, 90000)
-            frame.time_base = TIME_BASE
-            self._audio_anchor, self._audio_samples = frame.pts, 0
+        pts, time_base = frame.pts, self._audio_time_base
+        if pts is not None:
+            if time_base is not None:
+                pts = frame.pts = rescale(pts, time_base, 90000)
+                frame.time_base = TIME_BASE
+            self._audio_anchor, self._audio_samples = pts, 0
         elif self._audio_anchor is not None and frame.sample_rate:
             frame.pts = self._audio_anchor + self._audio_samples * 90000 // frame.sample_rate
-            frame.time_base = TIME_BASE
+            if time_base is not None:
+                frame.time_base = TIME_BASE
         self._audio_samples += frame.samples
 
     def _switch_codec(self, codec: str) -> None:

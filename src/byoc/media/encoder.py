@@ -67,6 +67,7 @@ _OUTPUT_OPTIONS = {
 }
 _AUDIO_RATE = 48000
 _AUDIO_TIME_BASE = Fraction(1, _AUDIO_RATE)
+_AUDIO_TIME_BASE_RATIO = _AUDIO_TIME_BASE.as_integer_ratio()  # as rescale() takes it
 _OPUS_FRAME_MS = 20
 _AUDIO_SLACK = _AUDIO_RATE // 50
 """Input audio timestamps within 20 ms of the sample clock are jitter, not a gap."""
@@ -216,7 +217,7 @@ def _audio_start(frame: av.AudioFrame) -> int | None:
     pts, time_base = frame.pts, frame.time_base
     if pts is None or not time_base:
         return None
-    return rescale(pts, time_base, _AUDIO_RATE)
+    return rescale(pts, time_base.as_integer_ratio(), _AUDIO_RATE)
 
 
 class _SegmentWriter:
@@ -438,7 +439,7 @@ class Encoder(Stage):
         return self._video
 
     def _encode_video(self, item: VideoItem) -> None:
-        encoder = self._video_encoder()
+        encoder = self._video if self._video is not None else self._video_encoder()
         frame = item.frame
         s = self.settings
         if frame.width != s.width or frame.height != s.height or frame.format.name != "yuv420p":
@@ -580,14 +581,13 @@ class Encoder(Stage):
         container, stream = self._container, self._audio_stream
         assert container is not None
         assert stream is not None
-        for packet in packets:
-            time_base = packet.time_base
-            if packet.pts is None or time_base is None:
+        for packet in packets:  # in the Opus encoder's time base (not read from each: PyAV makes a Fraction)
+            if packet.pts is None:
                 continue
-            pts = rescale(packet.pts, time_base, 90000)
+            pts = rescale(packet.pts, _AUDIO_TIME_BASE_RATIO, 90000)
             if self._audio_last_dts is not None and pts <= self._audio_last_dts:
                 continue  # cannot happen on the sample clock; the muxer would refuse it
-            duration = rescale(packet.duration or 0, time_base, 90000)
+            duration = rescale(packet.duration or 0, _AUDIO_TIME_BASE_RATIO, 90000)
             packet.pts = packet.dts = pts
             packet.duration = duration
             packet.time_base = TIME_BASE

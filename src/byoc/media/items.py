@@ -24,11 +24,12 @@ TIME_BASE = Fraction(1, 90000)
 """MPEG-TS time base; video timestamps keep it from input to output."""
 
 
-def rescale(value: int, time_base: Fraction, rate: int) -> int:
-    """``value`` units of ``time_base`` as a whole number of 1/``rate`` units, rounded as
-    ``round(value * time_base * rate)`` rounds, in integers (Fraction arithmetic is pure Python: a
-    few of these per audio frame were a visible part of a session's CPU time)."""
-    numerator, denominator = time_base.as_integer_ratio()
+def rescale(value: int, time_base: tuple[int, int], rate: int) -> int:
+    """``value`` units of ``time_base`` (``Fraction.as_integer_ratio()``) as a whole number of
+    1/``rate`` units, rounded as ``round(value * time_base * rate)`` rounds, in integers (Fraction
+    arithmetic is pure Python: a few of these per audio frame were a visible part of a session's CPU
+    time)."""
+    numerator, denominator = time_base
     quotient, remainder = divmod(value * numerator * rate, denominator)
     twice = 2 * remainder
     if twice > denominator or (twice == denominator and quotient & 1):
