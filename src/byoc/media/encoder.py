@@ -212,14 +212,6 @@ def _audio_ticks(frame: av.AudioFrame) -> int:
     return frame.samples * 90000 // frame.sample_rate if frame.sample_rate else 0
 
 
-def _audio_start(frame: av.AudioFrame) -> int | None:
-    """Where the frame starts on the 48 kHz sample clock (from its timestamp), if it has one."""
-    pts, time_base = frame.pts, frame.time_base
-    if pts is None or not time_base:
-        return None
-    return rescale(pts, time_base.as_integer_ratio(), _AUDIO_RATE)
-
-
 class _SegmentWriter:
     """The file object of one segment's container: forwards every write to the sink."""
 
@@ -516,7 +508,10 @@ class Encoder(Stage):
 
     def _place(self, frame: av.AudioFrame) -> bool:
         """Fit the frame onto the sample clock; False when it is not to be sent."""
-        start = _audio_start(frame)
+        pts, time_base = frame.pts, frame.time_base
+        start = None  # where it starts on the 48 kHz sample clock, if its timestamp says
+        if pts is not None and time_base:
+            start = rescale(pts, time_base.as_integer_ratio(), _AUDIO_RATE)
         if self._audio_next is None:  # the first audio to send
             first = self._first_pts * _AUDIO_RATE // 90000 if self._first_pts is not None else None
             if start is None:

@@ -145,6 +145,14 @@ def _weakly(method: Callable[_P, object]) -> Callable[_P, None]:
     return call
 
 
+def _frame_done(latency: LatencyWindow, rate: RateMeter, observer: SessionObserver, item: VideoItem) -> None:
+    """A frame was encoded (on the encoder's thread): its latency, the output rate, the runtime's metrics."""
+    seconds = time.monotonic() - item.decoded_at
+    latency.add(seconds * 1000.0)
+    rate.tick()
+    observer.frame_done(seconds)
+
+
 def _forget_cancellation(task: asyncio.Task[Any]) -> None:
     """Drop the CancelledError a cancelled task keeps until someone asks for its result.
 
@@ -242,7 +250,8 @@ class Session:
                 dataclasses.replace(s.encoder, width=spec.width, height=spec.height),
                 name=f"encode-{spec.stream_id}",
                 nice=s.thread_nice,
-                on_frame=_weakly(self._frame_done),
+                # What it holds does not hold the session: no weak reference to pass through a frame.
+                on_frame=functools.partial(_frame_done, self._latency, self._output_rate, self._observer),
                 on_error=_weakly(self._error),
             )
 
@@ -440,12 +449,6 @@ class Session:
     def _error_counts(self) -> dict[str, int]:
         with self._errors_lock:
             return dict(self._errors)
-
-    def _frame_done(self, item: VideoItem) -> None:
-        latency = time.monotonic() - item.decoded_at
-        self._latency.add(latency * 1000.0)
-        self._output_rate.tick()
-        self._observer.frame_done(latency)
 
     def statistics(self) -> SessionStatistics:
         decoder = self._decoder.statistics() if self._decoder else None
