@@ -191,13 +191,19 @@ async def _child_process(*args: str, profile: str | None = None) -> dict[str, An
     return report
 
 
-async def raw_live_cpu_ms_per_frame(data: bytes, fps: float) -> tuple[float, int]:
+async def raw_live_cpu_ms_per_frame(
+    data: bytes, fps: float, settings: EncoderSettings | None = None
+) -> tuple[float, int]:
     """The raw loop (decode and encode, as a session does) on the TS bytes ``data`` at live pace, in
-    a process of its own: CPU ms a video frame, and the number of video frames."""
+    a process of its own, with the encoder ``settings`` (default: the defaults): CPU ms a video frame,
+    and the number of video frames."""
+    encoding = json.dumps(asdict(settings or EncoderSettings()))
     with tempfile.NamedTemporaryFile(suffix=".ts") as input_file:
         input_file.write(data)
         input_file.flush()
-        report = await _child_process("--raw", input_file.name, "--raw-fps", str(fps))
+        report = await _child_process(
+            "--raw", input_file.name, "--raw-fps", str(fps), "--raw-settings", encoding
+        )
     return report["cpu_ms_per_frame"], report["frames"]
 
 
@@ -349,12 +355,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--raw", help=argparse.SUPPRESS)
     parser.add_argument("--raw-fps", type=float, default=30.0, help=argparse.SUPPRESS)
+    parser.add_argument("--raw-settings", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(asyncio.run(_child(json.loads(args.child)))))
         return 0
     if args.raw:
-        ms, frames = _raw_cpu_ms_per_frame(Path(args.raw).read_bytes(), EncoderSettings(), fps=args.raw_fps)
+        settings = EncoderSettings(**json.loads(args.raw_settings))
+        ms, frames = _raw_cpu_ms_per_frame(Path(args.raw).read_bytes(), settings, fps=args.raw_fps)
         print(json.dumps({"cpu_ms_per_frame": ms, "frames": frames}))
         return 0
     try:

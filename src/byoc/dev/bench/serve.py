@@ -16,8 +16,9 @@ spread or burst; see :mod:`byoc.dev.bench.inputs`), and measures in the containe
 * beside the container's cores, the cores the benchmark itself used (trickle server, publishers,
   readers, probe) and the machine's idle cores, so that a step's CPU can be accounted for;
 * the codec floor: the cores N streams would take doing nothing but decode and encode at live pace,
-  from the CPU a frame of ``byoc bench pipeline``'s raw PyAV loop on the same input, measured alone
-  (one stream, in a process of its own) before the steps.
+  from the CPU a frame of ``byoc bench pipeline``'s raw PyAV loop on the same input with the
+  container's encoder settings (its BYOC_* variables included), measured alone (one stream, in a
+  process of its own) before the steps.
 
 A step is real-time when every session delivers at least 95 % of the input frame rate and drops at
 most 1 % of its video frames. It also reports the container's cold start (spawn to ``/health`` 200).
@@ -32,6 +33,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,12 +53,14 @@ from byoc.dev.corpus import FfmpegNotFound
 from byoc.dev.procs import machine_cpu, tree_cpu, tree_rss
 from byoc.dev.synthetic import publish_live
 from byoc.dev.trickle_server import RunningTrickle, serve_trickle
+from byoc.media.encoder import EncoderSettings
+from byoc.serve.config import settings_from
 from byoc.session.stats import percentile
 from byoc.trickle.client import TrickleClientSettings, create_client_session
 from byoc.trickle.layout import StreamChannels
 from byoc.trickle.publisher import TricklePublisher
 
-__all__ = ["ServeReport", "StepReport", "run_serve_bench", "start_streams"]
+__all__ = ["ServeReport", "StepReport", "container_encoder_settings", "run_serve_bench", "start_streams"]
 
 _MB = 1024 * 1024
 _FLOOR_S = 5.0
@@ -288,6 +292,12 @@ async def _active(http: aiohttp.ClientSession, container: ByocProcess) -> int:
         return int((await response.json()).get("sessions", 0))
 
 
+def container_encoder_settings(serve_args: Sequence[str], environ: Mapping[str, str]) -> EncoderSettings:
+    """The encoder settings ``byoc serve SERVE_ARGS`` uses in ``environ`` (its BYOC_* variables
+    included): the codec floor is measured with the container's own."""
+    return settings_from(list(serve_args), environ).encoder()
+
+
 async def run_serve_bench(
     steps: list[int],
     *,
@@ -302,16 +312,19 @@ async def run_serve_bench(
         raise ValueError(f"delivery must be one of {', '.join(DELIVERY_CHOICES)}, got {delivery!r}")
     source = await asyncio.to_thread(bench_input, input_name, seconds)
     async with serve_trickle() as trickle, create_client_session(TrickleClientSettings()) as http:
-        container = ByocProcess(
-            "serve", processor, "--host", "127.0.0.1", "--port", "0", "--max-sessions", str(max(steps)),
+        serve_args = (
+            processor, "--host", "127.0.0.1", "--port", "0", "--max-sessions", str(max(steps)),
             "--isolation", isolation,
         )  # fmt: skip
+        container = ByocProcess("serve", *serve_args)
         try:
             began = time.monotonic()
             await container.start()
             await container.wait_healthy(http)
             cold_start = time.monotonic() - began
-            floor_ms, _ = await raw_live_cpu_ms_per_frame(_first(source, _FLOOR_S), source.fps)
+            floor_ms, _ = await raw_live_cpu_ms_per_frame(
+                _first(source, _FLOOR_S), source.fps, container_encoder_settings(serve_args, container.env)
+            )
             report = ServeReport(
                 processor,
                 source.description,
