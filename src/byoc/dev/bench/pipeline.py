@@ -107,9 +107,6 @@ _SAMPLE_S = 1.0
 not in its figure). Reading /proc costs the process CPU too, about 1 % of a session's at this rate: the
 main thread's CPU time spent on it is taken off the session's."""
 
-_OPUS_FRAME = 960
-"""20 ms at 48 kHz: the Opus frames the session's encoder makes."""
-
 
 def _raw_cpu_ms_per_frame(data: bytes, settings: EncoderSettings, *, fps: float | None) -> tuple[float, int]:
     """The bare loop: decode every frame and encode it again with the session's encoder settings.
@@ -136,7 +133,8 @@ def _raw_cpu_ms_per_frame(data: bytes, settings: EncoderSettings, *, fps: float 
             )
             sound = output.add_mux_stream("opus", rate=48000) if audio is not None else None
             opus = open_audio_encoder(settings) if audio is not None else None
-            resampler = av.AudioResampler(format="flt", layout="stereo", rate=48000, frame_size=_OPUS_FRAME)
+            frame_size = opus.frame_size if opus is not None else None  # the Opus encoder's frames
+            resampler = av.AudioResampler(format="flt", layout="stereo", rate=48000, frame_size=frame_size)
             next_sample = 0
 
             def encode_audio(frame: av.AudioFrame | None) -> None:
