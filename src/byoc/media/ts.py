@@ -20,6 +20,8 @@ codec that changes mid-stream (an encoder restarted with another one) gets a dec
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "FLUSH_ACCESS_UNIT",
     "FLUSH_UNITS",
@@ -170,6 +172,28 @@ def _crc32_mpeg2(data: bytes) -> int:
     return crc
 
 
+_START_AND_PID = bytes(byte & 0x5F for byte in range(256))
+"""A TS header's second byte -> its payload_unit_start_indicator and PID bits (at most 0x5F)."""
+
+
+def _headers(highs: bytes, lows: bytes) -> bytearray:
+    """Each packet's PID bytes (``highs``: its header's second bytes, ``lows``: the third) as a 3-byte
+    entry: 0xFF (which no entry's second byte is, so a match can only start at an entry), the
+    payload_unit_start_indicator and high PID bits, the low PID bits."""
+    headers = bytearray(b"\xff" * (3 * len(highs)))
+    headers[1::3] = highs.translate(_START_AND_PID)
+    headers[2::3] = lows
+    return headers
+
+
+def _pid_entry(pid: int, *, starts: bool) -> bytes:
+    """A pattern matching the :func:`_headers` entries of ``pid``'s packets: those that start a payload
+    unit (``starts``) or all of them."""
+    high, flagged = bytes((pid >> 8,)), bytes((0x40 | pid >> 8,))
+    flags = re.escape(flagged) if starts else b"[" + re.escape(high) + re.escape(flagged) + b"]"
+    return b"\xff" + flags + re.escape(bytes((pid & 0xFF,)))
+
+
 class StreamTypeWatch:
     """Follows the PAT and PMT of TS bytes as they go to a demuxer: from which byte offset on the PMT
     names which video codec for a PID. FFmpeg's demuxer switches its parser when the PMT changes a
@@ -189,6 +213,7 @@ class StreamTypeWatch:
         self._current: dict[int, str] = {}
         self._changes: list[tuple[int, int, str]] = []
         self._sections: dict[int, bytes] = {}  # the last section packet of each PID (its payload)
+        self._watched: re.Pattern[bytes] | None = None  # see _watch()
 
     def scan(self, data: bytes, offset: int) -> None:
         """``data``, which starts at byte ``offset`` of the stream."""
@@ -202,33 +227,48 @@ class StreamTypeWatch:
         self._carry = data[at:]
 
     def _aligned(self, data: bytes, start: int, at: int) -> int:
-        """Scan the packets from ``at`` on while they stay aligned; returns where that ended. Only the
-        packet headers are looked at in a loop (PIDs); the sections are parsed where they start, and
-        only when they differ from the last one seen on their PID (PAT and PMT repeat unchanged)."""
+        """Scan the packets from ``at`` on while they stay aligned; returns where that ended.
+
+        Only the packets that can change something are looked at one by one: where a PAT or PMT
+        section starts and, in a segment's head, those of the streams the PMT lists. A regular
+        expression finds them in the packets' PID bytes (:meth:`_watched`), rather than a loop over
+        every packet (which ran several hundred bytecodes a frame). A section is parsed only when it
+        differs from the last one seen on its PID (PAT and PMT repeat unchanged)."""
         end = at + (len(data) - at) // PACKET_SIZE * PACKET_SIZE
         syncs = data[at:end:PACKET_SIZE]
         aligned = len(syncs)
         if syncs.count(SYNC_BYTE) != aligned:
             aligned = next(index for index, byte in enumerate(syncs) if byte != SYNC_BYTE)
-        for index, (high, low) in enumerate(
-            zip(data[at + 1 : end : PACKET_SIZE], data[at + 2 : end : PACKET_SIZE], strict=True)
-        ):
-            if index >= aligned:
-                break
-            pid = (high & 0x1F) << 8 | low
+        end = at + aligned * PACKET_SIZE
+        headers = _headers(data[at + 1 : end : PACKET_SIZE], data[at + 2 : end : PACKET_SIZE])
+        index = 0
+        while (found := (self._watched or self._watch()).search(headers, 3 * index)) is not None:
+            index = found.start() // 3
+            high = data[at + index * PACKET_SIZE + 1]
+            pid = (high & 0x1F) << 8 | data[at + index * PACKET_SIZE + 2]
             if self._head_of is not None and pid in self._latest:
-                self._head_of = None
+                self._head_of, self._watched = None, None
             if high & 0x40 and (pid == 0 or pid in self._pmt_pids):
                 packet = data[at + index * PACKET_SIZE : at + (index + 1) * PACKET_SIZE]
                 if self._sections.get(pid) != packet[4:]:
                     self._sections[pid] = packet[4:]
                     self._section(packet, pid, start + at + index * PACKET_SIZE)
-        return at + aligned * PACKET_SIZE
+            index += 1
+        return end
+
+    def _watch(self) -> re.Pattern[bytes]:
+        """What :meth:`_aligned` looks for: sections of PID 0 and the PMT PIDs, and in a segment's head
+        the packets of the streams the PMT lists (compiled again whenever one of those changes)."""
+        entries = [_pid_entry(pid, starts=True) for pid in (0, *self._pmt_pids)]
+        if self._head_of is not None:
+            entries += [_pid_entry(pid, starts=False) for pid in self._latest]
+        self._watched = re.compile(b"|".join(entries))
+        return self._watched
 
     def boundary(self, offset: int) -> None:
         """A segment ended at byte ``offset``: the next one starts on a packet boundary."""
         self._carry = b""
-        self._head_of = offset
+        self._head_of, self._watched = offset, None
 
     def latest(self, pid: int) -> str | None:
         """The codec the last PMT scanned names for ``pid``."""
@@ -260,6 +300,7 @@ class StreamTypeWatch:
             for entry in range(at + 8, end - 3, 4):
                 if packet[entry] << 8 | packet[entry + 1]:
                     self._pmt_pids.add((packet[entry + 2] & 0x1F) << 8 | packet[entry + 3])
+                    self._watched = None
         elif packet[at] == 0x02:  # PMT: stream_type, elementary_PID, ES_info_length, descriptors
             entry = at + 12 + (((packet[at + 10] & 0x0F) << 8) | packet[at + 11])
             while entry + 5 <= end:
@@ -267,5 +308,6 @@ class StreamTypeWatch:
                 codec = STREAM_TYPES.get(packet[entry])
                 if codec is not None and self._latest.get(stream) != codec:
                     self._latest[stream] = codec
+                    self._watched = None
                     self._changes.append((offset if self._head_of is None else self._head_of, stream, codec))
                 entry += 5 + (((packet[entry + 3] & 0x0F) << 8) | packet[entry + 4])
