@@ -525,22 +525,23 @@ class Decoder(Stage):
                         raise MediaError(f"too many demuxer errors, last: {exc}") from exc
 
     def _decode_packet(self, packet: av.Packet[Any], video: av.stream.Stream) -> None:
-        if packet.stream is video and self._flush_unit and _is_flush_leftover(packet, self._flush_unit):
+        is_video = packet.stream is video
+        if is_video and self._flush_unit and _is_flush_leftover(packet, self._flush_unit):
             return  # flush delimiters with no frame after them (the end of the input)
-        if packet.pts is not None and self._wrap_shift != 0:
+        if self._wrap_shift != 0 and packet.pts is not None:
             self._restore_wrapped(packet)
+        if not is_video:
+            self._audio(packet)
+            return
         resume = self._feed.resume_pts
-        if resume is not None and packet.stream is video and packet.size:
+        if resume is not None and packet.size:
             if packet.pts is None:
                 packet.pts = packet.dts = _unwrap(resume, self._last_video_pts)
                 self._feed.resume_pts = None
             elif packet.pts >= resume:  # this segment's frames kept their timestamps
                 self._feed.resume_pts = None
-        if packet.stream is video and packet.pts is not None:
+        if packet.pts is not None:
             self._last_video_pts = packet.pts
-        if packet.stream is not video:
-            self._audio(packet)
-            return
         assert self._video_context is not None
         position = packet.pos
         codec = self._feed.stream_types.codec_at(position, video.id) if position is not None else None
@@ -587,7 +588,7 @@ class Decoder(Stage):
                     frame.pts += offset
                 # Audio rides with the next video frame, or goes once the input runs dry: one wake-up
                 # of the next stage per frame rather than one per audio frame as well.
-                self._output.put(AudioItem(frame), droppable=False, wake=False)
+                self._output.put(AudioItem(frame, in_time_base=True), droppable=False, wake=False)
 
     def _time_audio(self, frame: av.AudioFrame) -> None:
         """Give every audio frame a PTS (1/90000). One PES carries one PTS for several audio frames,

@@ -67,7 +67,7 @@ _OUTPUT_OPTIONS = {
 }
 _AUDIO_RATE = 48000
 _AUDIO_TIME_BASE = Fraction(1, _AUDIO_RATE)
-_AUDIO_TIME_BASE_RATIO = _AUDIO_TIME_BASE.as_integer_ratio()  # as rescale() takes it
+_TIME_BASE_RATIO = TIME_BASE.as_integer_ratio()
 _OPUS_FRAME_MS = 20
 _AUDIO_SLACK = _AUDIO_RATE // 50
 """Input audio timestamps within 20 ms of the sample clock are jitter, not a gap."""
@@ -215,14 +215,15 @@ def _audio_ticks(frame: av.AudioFrame) -> int:
 class _SegmentWriter:
     """The file object of one segment's container: forwards every write to the sink."""
 
-    def __init__(self, sink: OutputSink, segment: int, counter: Callable[[int], None]) -> None:
+    def __init__(self, sink: OutputSink, segment: int) -> None:
         self._sink = sink
         self._segment = segment
-        self._count = counter
+        self.written = 0
+        """Bytes written so far."""
 
     def write(self, data: bytes | memoryview) -> int:
         chunk = bytes(data)
-        self._count(len(chunk))
+        self.written += len(chunk)
         self._sink.write(self._segment, chunk)
         return len(chunk)
 
@@ -305,12 +306,12 @@ class Encoder(Stage):
         self._fifo = av.AudioFifo()
         self._audio_next: int | None = None
         """The 48 kHz sample clock at the next sample to encode (the first one in the FIFO)."""
-        self._audio_last_dts: int | None = None
+        self._audio_last_pts: int | None = None  # of the last packet muxed, on the sample clock
         self._reformatter = VideoReformatter()
         self._container: av.container.OutputContainer | None = None
         self._video_stream: av.stream.Stream | None = None
         self._audio_stream: av.stream.Stream | None = None
-        self._pending_audio: deque[av.AudioFrame] = deque()
+        self._pending_audio: deque[AudioItem] = deque()
         self._pending_ticks = 0
         self._segment = -1
         self._segment_frames = 0  # video frames in the open segment
@@ -318,19 +319,21 @@ class Encoder(Stage):
         self._last_pts: int | None = None
         self._step = 3000
         self._consecutive_errors = 0
-        self._frames_out = self._segments = self._bytes = 0
+        self._frames_out = self._segments = 0
+        self._bytes = 0  # of the segments closed; the open one's writer counts its own
+        self._writer: _SegmentWriter | None = None
         self._audio_in = self._audio_in_ticks = self._audio_dropped = 0
-        self._audio_out = self._audio_out_ticks = 0
+        self._audio_out = self._audio_out_samples = 0
 
     def statistics(self) -> EncoderStatistics:
         return EncoderStatistics(
             self._frames_out,
             self._segments,
-            self._bytes,
+            self._bytes + (writer.written if (writer := self._writer) is not None else 0),
             self._audio_in,
             self._audio_in_ticks / 90000,
             self._audio_out,
-            self._audio_out_ticks / 90000,
+            self._audio_out_samples / _AUDIO_RATE,
             self._audio_dropped,
         )
 
@@ -359,7 +362,7 @@ class Encoder(Stage):
         if isinstance(item, VideoItem):
             self._encode_video(item)
         elif isinstance(item, AudioItem):
-            self._receive_audio(item.frame)
+            self._receive_audio(item)
         elif isinstance(item, Boundary):
             self._input_segment_ended()
         elif isinstance(item, InputInfo):
@@ -369,9 +372,6 @@ class Encoder(Stage):
         log.exception("encoder failed", exc_info=exc)
         self.error = exc
         self._close_segment()
-
-    def _count_bytes(self, size: int) -> None:
-        self._bytes += size
 
     def _error(self, exc: Exception) -> None:
         self._consecutive_errors += 1
@@ -384,8 +384,8 @@ class Encoder(Stage):
         self._close_segment()
         self._segment += 1
         self._segment_frames = 0
-        writer = _SegmentWriter(self._sink, self._segment, self._count_bytes)
-        container = av.open(writer, mode="w", format="mpegts", options=_OUTPUT_OPTIONS)
+        self._writer = _SegmentWriter(self._sink, self._segment)
+        container = av.open(self._writer, mode="w", format="mpegts", options=_OUTPUT_OPTIONS)
         s = self.settings
         self._video_stream = container.add_mux_stream("h264", rate=s.fps, width=s.width, height=s.height)
         self._video_stream.time_base = TIME_BASE
@@ -405,13 +405,15 @@ class Encoder(Stage):
 
     def _close_segment(self) -> None:
         container, self._container = self._container, None
-        # A stream holds its container, whose file (_SegmentWriter) holds this encoder: a cycle.
         self._video_stream = self._audio_stream = None
         if container is None:
             return
         try:
             container.close()  # writes whatever the muxer still holds
         finally:
+            if self._writer is not None:
+                self._bytes += self._writer.written
+                self._writer = None
             self._segments += 1
             self._sink.end(self._segment, self._segment_frames)
 
@@ -469,32 +471,33 @@ class Encoder(Stage):
 
     # --- audio ------------------------------------------------------------------------------------
 
-    def _receive_audio(self, frame: av.AudioFrame) -> None:
+    def _receive_audio(self, item: AudioItem) -> None:
         if not self._want_audio or self._audio_off:
             return
         self._audio_in += 1
-        self._audio_in_ticks += _audio_ticks(frame)
+        self._audio_in_ticks += _audio_ticks(item.frame)
         if self._audio_stream is None or self._container is None:
-            self._pending_audio.append(frame)  # until the next segment opens
-            self._pending_ticks += _audio_ticks(frame)
+            self._pending_audio.append(item)  # until the next segment opens
+            self._pending_ticks += _audio_ticks(item.frame)
             while self._pending_ticks > _MAX_PENDING_AUDIO_TICKS:
-                self._pending_ticks -= _audio_ticks(self._pending_audio.popleft())
+                self._pending_ticks -= _audio_ticks(self._pending_audio.popleft().frame)
                 self._audio_dropped += 1
             return
-        self._encode_audio(frame)
+        self._encode_audio(item)
 
     def _release_audio(self) -> None:
         """A segment opened: encode the audio that waited for it."""
         while self._pending_audio and self._audio_stream is not None and not self._audio_off:
-            frame = self._pending_audio.popleft()
-            self._pending_ticks -= _audio_ticks(frame)
-            self._encode_audio(frame)
+            item = self._pending_audio.popleft()
+            self._pending_ticks -= _audio_ticks(item.frame)
+            self._encode_audio(item)
         self._pending_audio.clear()
         self._pending_ticks = 0
 
-    def _encode_audio(self, frame: av.AudioFrame) -> None:
+    def _encode_audio(self, item: AudioItem) -> None:
+        frame = item.frame
         try:
-            if not self._place(frame):
+            if not self._place(frame, item.in_time_base):
                 self._audio_dropped += 1
                 return
             for resampled in self._resample(frame):
@@ -506,12 +509,15 @@ class Encoder(Stage):
             return
         self._audio_failures = 0
 
-    def _place(self, frame: av.AudioFrame) -> bool:
+    def _place(self, frame: av.AudioFrame, in_time_base: bool) -> bool:
         """Fit the frame onto the sample clock; False when it is not to be sent."""
-        pts, time_base = frame.pts, frame.time_base
+        pts = frame.pts
         start = None  # where it starts on the 48 kHz sample clock, if its timestamp says
-        if pts is not None and time_base:
-            start = rescale(pts, time_base.as_integer_ratio(), _AUDIO_RATE)
+        if pts is not None:
+            if in_time_base:
+                start = rescale(pts, _TIME_BASE_RATIO, _AUDIO_RATE)
+            elif time_base := frame.time_base:
+                start = rescale(pts, time_base.as_integer_ratio(), _AUDIO_RATE)
         if self._audio_next is None:  # the first audio to send
             first = self._first_pts * _AUDIO_RATE // 90000 if self._first_pts is not None else None
             if start is None:
@@ -566,7 +572,8 @@ class Encoder(Stage):
         while self._fifo.samples >= size or (final and self._fifo.samples):
             chunk = self._fifo.read(size, partial=final)
             assert chunk is not None
-            chunk.pts, chunk.time_base = self._audio_next, _AUDIO_TIME_BASE
+            # The FIFO's frames keep its first frame's time base: the resampler's 1/48000, the encoder's.
+            chunk.pts = self._audio_next
             self._audio_next += chunk.samples
             self._mux_audio(self._audio.encode(chunk))
         if final:
@@ -576,21 +583,15 @@ class Encoder(Stage):
         container, stream = self._container, self._audio_stream
         assert container is not None
         assert stream is not None
-        for packet in packets:  # in the Opus encoder's time base (not read from each: PyAV makes a Fraction)
-            if packet.pts is None:
-                continue
-            pts = rescale(packet.pts, _AUDIO_TIME_BASE_RATIO, 90000)
-            if self._audio_last_dts is not None and pts <= self._audio_last_dts:
+        for packet in packets:  # in the Opus encoder's time base, which the muxer rescales to the stream's
+            pts = packet.pts
+            if pts is None or (self._audio_last_pts is not None and pts <= self._audio_last_pts):
                 continue  # cannot happen on the sample clock; the muxer would refuse it
-            duration = rescale(packet.duration or 0, _AUDIO_TIME_BASE_RATIO, 90000)
-            packet.pts = packet.dts = pts
-            packet.duration = duration
-            packet.time_base = TIME_BASE
+            self._audio_out_samples += packet.duration or 0  # before muxing rescales it
             packet.stream = stream
             container.mux(packet)
-            self._audio_last_dts = pts
+            self._audio_last_pts = pts
             self._audio_out += 1
-            self._audio_out_ticks += duration
 
     def _audio_failed(self, exc: Exception) -> None:
         """Audio that failed is dropped as audio: counted, logged, and never the video's failure."""

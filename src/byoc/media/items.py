@@ -48,9 +48,12 @@ class VideoItem:
     due: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AudioItem:
     frame: av.AudioFrame
+    in_time_base: bool = False
+    """The frame's timestamp is known to count :data:`TIME_BASE` (the decoder's frames), so its time
+    base need not be read (PyAV builds a ``Fraction``, in pure Python, for every read)."""
 
 
 @dataclass(frozen=True, slots=True)
