@@ -31,6 +31,7 @@ def test_bench_pipeline_reports_both_measurements_and_the_audio(tmp_path: Path) 
     assert report["session_cpu_ms_per_frame"] > 0
     assert report["raw_cpu_ms_per_frame"] > 0
     assert abs(report["ratio"] - report["session_cpu_ms_per_frame"] / report["raw_cpu_ms_per_frame"]) < 0.01
+    assert report["thread_cpu_ms_per_frame"]["decode"] > 0  # the media thread, by name
     assert report["added_latency_ms_p50"] > 0
     # the session's event loop, profiled: its iterations and the input segments it heard of are counted
     counted = {name: calls for (_, _, name), (_, calls, *_) in pstats.Stats(str(profile)).stats.items()}  # type: ignore[attr-defined]

@@ -106,9 +106,11 @@ class PipelineReport:
 
 
 _SAMPLE_S = 1.0
-"""How often the session process reads its threads' CPU times (a stage's last second before it ends is
-not in its figure). Reading /proc costs the process CPU too, about 1 % of a session's at this rate: the
-main thread's CPU time spent on it is taken off the session's."""
+"""How often the session process reads its threads' CPU times. A stage's thread that ended since its
+last sample used some more, reported together as :data:`_ENDED`. Reading /proc costs the process CPU
+too, about 1 % of a session's at this rate: the main thread's CPU time spent on it is taken off the
+session's."""
+_ENDED = "ended threads after their last sample"
 
 
 def _raw_cpu_ms_per_frame(data: bytes, settings: EncoderSettings, *, fps: float | None) -> tuple[float, int]:
@@ -326,13 +328,19 @@ async def _child(spec: dict[str, Any]) -> dict[str, Any]:
             per_thread = {**per_thread, **_thread_cpu_s()}
             probe_s += time.thread_time() - began
             await asyncio.wait([run], timeout=_SAMPLE_S)
+        began = time.thread_time()
+        per_thread = {**per_thread, **_thread_cpu_s()}  # the threads still there, to their end
+        probe_s += time.thread_time() - began
+        after = resource.getrusage(resource.RUSAGE_SELF)
         per_thread = {name: cpu - start.get(name, 0.0) for name, cpu in per_thread.items()}
         per_thread["MainThread"] = per_thread.get("MainThread", 0.0) - probe_s
-        after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu_s = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime - probe_s
+        # The threads that ended after their last sample: what the process used and no sample shows.
+        per_thread[_ENDED] = cpu_s - sum(per_thread.values())
     stats = session.statistics()
     return {
         "thread_cpu_s": per_thread,
-        "cpu_s": after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime - probe_s,
+        "cpu_s": cpu_s,
         "frames_out": stats.frames_out,
         "dropped": stats.frames_dropped,
         "audio": stats.audio.as_dict(),
