@@ -8,11 +8,18 @@ import av
 import numpy as np
 import pytest
 
+from byoc.dev.corpus import HEVC, Case, later, segments
 from byoc.dev.synthetic import SyntheticStream, pattern, read_frame_index
 from byoc.media.decoder import FrameFitter, _Timestamps
 from byoc.media.encoder import EncoderSettings
 from byoc.media.items import rescale
-from byoc.media.ts import FLUSH_ACCESS_UNIT, PACKET_SIZE, first_video_pts, video_flush_packets
+from byoc.media.ts import (
+    FLUSH_ACCESS_UNIT,
+    PACKET_SIZE,
+    StreamTypeWatch,
+    first_video_pts,
+    video_flush_packets,
+)
 
 
 def test_flush_packets_are_two_ts_packets_with_an_access_unit_delimiter() -> None:
@@ -101,3 +108,29 @@ def test_encoder_settings_refuse_what_h264_opus_or_live_cannot_do(
 )
 def test_rescale_rounds_as_fraction_arithmetic_does(value: int, time_base: Fraction, rate: int) -> None:
     assert rescale(value, time_base.as_integer_ratio(), rate) == round(value * time_base * rate)
+
+
+_PIDS = ("-segment_format_options", "mpegts_start_pid=0x15B:mpegts_pmt_start_pid=0x10FF")
+"""A video PID and a PMT PID whose bytes mean something in a regular expression ('[' and 0xFF)."""
+
+
+@pytest.mark.parametrize("chunk", [1, PACKET_SIZE - 1, PACKET_SIZE + 1, 4096, 1 << 20])
+def test_the_pmt_watch_dates_a_codec_change_however_the_bytes_arrive(chunk: int) -> None:
+    hevc = Case("hevc-pids", seconds=2, video=HEVC, extra=_PIDS)
+    made = segments(
+        Case("pids-codec-switch", parts=(hevc, later(Case("h264-pids", seconds=2, extra=_PIDS), 2)))
+    )
+    watch, offset, starts = StreamTypeWatch(), 0, []
+    for segment in made:
+        starts.append(offset)
+        for at in range(0, len(segment), chunk):
+            watch.scan(segment[at : at + chunk], offset)
+            offset += len(segment[at : at + chunk])
+        watch.boundary(offset)
+    # ffmpeg made two segments a part: HEVC from the first byte on, H.264 from the third segment's head
+    answers = [
+        (watch.codec_at(start, 0x15B), watch.codec_at(start + PACKET_SIZE * 50, 0x15B)) for start in starts
+    ]
+    assert answers == [("hevc", "hevc"), ("hevc", "hevc"), ("h264", "h264"), ("h264", "h264")]
+    assert watch.latest(0x15B) == "h264"
+    assert watch.codec_at(offset, 0x100) is None  # no stream on the usual PID

@@ -231,7 +231,7 @@ class StreamTypeWatch:
 
         Only the packets that can change something are looked at one by one: where a PAT or PMT
         section starts and, in a segment's head, those of the streams the PMT lists. A regular
-        expression finds them in the packets' PID bytes (:meth:`_watched`), rather than a loop over
+        expression finds them in the packets' PID bytes (:meth:`_watch`), rather than a loop over
         every packet (which ran several hundred bytecodes a frame). A section is parsed only when it
         differs from the last one seen on its PID (PAT and PMT repeat unchanged)."""
         end = at + (len(data) - at) // PACKET_SIZE * PACKET_SIZE
