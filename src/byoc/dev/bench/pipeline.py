@@ -319,18 +319,22 @@ async def _child(spec: dict[str, Any]) -> dict[str, Any]:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         session = Session(StreamSpec(stream_id=_STREAM, **spec), PassthroughProcessor(), http)
         run = asyncio.create_task(session.run())
-        began = time.thread_time()
-        start = _thread_cpu_s()
-        probe_s = time.thread_time() - began  # the CPU the samples take: the benchmark's, not the session's
-        per_thread: dict[str, float] = {}
-        while not run.done():  # sample the threads while they exist
+        probe_s = 0.0  # the CPU the samples take: the benchmark's, not the session's
+
+        def sample() -> dict[str, float]:
+            nonlocal probe_s
             began = time.thread_time()
-            per_thread = {**per_thread, **_thread_cpu_s()}
+            threads = _thread_cpu_s()
             probe_s += time.thread_time() - began
+            return threads
+
+        start = sample()
+        per_thread: dict[str, float] = {}
+        while True:  # sample the threads while they exist, and those still there once the session ended
+            per_thread = {**per_thread, **sample()}
+            if run.done():
+                break
             await asyncio.wait([run], timeout=_SAMPLE_S)
-        began = time.thread_time()
-        per_thread = {**per_thread, **_thread_cpu_s()}  # the threads still there, to their end
-        probe_s += time.thread_time() - began
         after = resource.getrusage(resource.RUSAGE_SELF)
         per_thread = {name: cpu - start.get(name, 0.0) for name, cpu in per_thread.items()}
         per_thread["MainThread"] = per_thread.get("MainThread", 0.0) - probe_s
