@@ -124,8 +124,9 @@ def test_the_pmt_watch_dates_a_codec_change_however_the_bytes_arrive(chunk: int)
     for segment in made:
         starts.append(offset)
         for at in range(0, len(segment), chunk):
-            watch.scan(segment[at : at + chunk], offset)
-            offset += len(segment[at : at + chunk])
+            piece = segment[at : at + chunk]
+            watch.scan(piece, offset)
+            offset += len(piece)
         watch.boundary(offset)
     # ffmpeg made two segments a part: HEVC from the first byte on, H.264 from the third segment's head
     answers = [
