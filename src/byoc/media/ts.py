@@ -186,6 +186,17 @@ def _headers(highs: bytes, lows: bytes) -> bytearray:
     return headers
 
 
+def _section_start(pid: int, known: bytes | None) -> bytes:
+    """A pattern matching, in the stream's bytes, the header of a packet of ``pid`` that starts a
+    payload unit (whatever its transport_error and transport_priority bits), unless the ``known``
+    payload follows it; now and then it also matches payload bytes that look like such a header."""
+    flags = bytes(0x40 | pid >> 8 | other for other in (0x00, 0x20, 0x80, 0xA0))
+    low = re.escape(bytes((pid & 0xFF,)))
+    header = bytes((SYNC_BYTE,)) + b"[" + re.escape(flags) + b"]" + low + b"[\x00-\xff]"  # any 4th byte
+    # The section ends where its stuffing (0xFF) starts: what follows it cannot change the section.
+    return header if known is None else header + b"(?!" + re.escape(known.rstrip(b"\xff")) + b")"
+
+
 def _pid_entry(pid: int, *, starts: bool) -> bytes:
     """A pattern matching the :func:`_headers` entries of ``pid``'s packets: those that start a payload
     unit (``starts``) or all of them."""
@@ -214,6 +225,7 @@ class StreamTypeWatch:
         self._changes: list[tuple[int, int, str]] = []
         self._sections: dict[int, bytes] = {}  # the last section packet of each PID (its payload)
         self._watched: re.Pattern[bytes] | None = None  # see _watch()
+        self._sections_pattern: re.Pattern[bytes] | None = None  # see _sections_start()
 
     def scan(self, data: bytes, offset: int) -> None:
         """``data``, which starts at byte ``offset`` of the stream."""
@@ -230,38 +242,72 @@ class StreamTypeWatch:
         """Scan the packets from ``at`` on while they stay aligned; returns where that ended.
 
         Only the packets that can change something are looked at one by one: where a PAT or PMT
-        section starts and, in a segment's head, those of the streams the PMT lists. A regular
-        expression finds them in the packets' PID bytes (:meth:`_watch`), rather than a loop over
-        every packet (which ran several hundred bytecodes a frame). A section is parsed only when it
-        differs from the last one seen on its PID (PAT and PMT repeat unchanged)."""
+        section starts and, in a segment's head, those of the streams the PMT lists. Regular
+        expressions find them (:meth:`_sections_in`, :meth:`_head_in`), rather than a loop over every
+        packet (which ran several hundred bytecodes a frame). A section is parsed only when it differs
+        from the last one seen on its PID (PAT and PMT repeat unchanged)."""
         end = at + (len(data) - at) // PACKET_SIZE * PACKET_SIZE
         syncs = data[at:end:PACKET_SIZE]
         aligned = len(syncs)
         if syncs.count(SYNC_BYTE) != aligned:
             aligned = next(index for index, byte in enumerate(syncs) if byte != SYNC_BYTE)
         end = at + aligned * PACKET_SIZE
+        if self._head_of is None:
+            self._sections_in(data, start, at, end)
+        else:
+            self._head_in(data, start, at, end)
+        return end
+
+    def _sections_in(self, data: bytes, start: int, at: int, end: int) -> None:
+        """Past a segment's head only PAT and PMT sections count, and only those that differ from the
+        last one on their PID: one search of the bytes finds the headers of their packets (and, rarely,
+        payload bytes that look like one, which are skipped)."""
+        while (found := (self._sections_pattern or self._sections_start()).search(data, at, end)) is not None:
+            offset = found.start()
+            if (offset - at) % PACKET_SIZE:
+                at = offset + 1  # not where a packet starts
+                continue
+            self._look_at(data, start, offset)
+            at = offset + PACKET_SIZE
+
+    def _sections_start(self) -> re.Pattern[bytes]:
+        """What :meth:`_sections_in` looks for (compiled again whenever the PMT PIDs or the last
+        section seen on one of them change)."""
+        entries = [_section_start(pid, self._sections.get(pid)) for pid in (0, *self._pmt_pids)]
+        self._sections_pattern = re.compile(b"|".join(entries))
+        return self._sections_pattern
+
+    def _head_in(self, data: bytes, start: int, at: int, end: int) -> None:
+        """In a segment's head: the packets of the streams the PMT lists count as well, found in a
+        layout of the packets' PID bytes (:func:`_headers`, :meth:`_watch`)."""
         headers = _headers(data[at + 1 : end : PACKET_SIZE], data[at + 2 : end : PACKET_SIZE])
         index = 0
         while (found := (self._watched or self._watch()).search(headers, 3 * index)) is not None:
             index = found.start() // 3
-            high = data[at + index * PACKET_SIZE + 1]
-            pid = (high & 0x1F) << 8 | data[at + index * PACKET_SIZE + 2]
-            if self._head_of is not None and pid in self._latest:
-                self._head_of, self._watched = None, None
-            if high & 0x40 and (pid == 0 or pid in self._pmt_pids):
-                packet = data[at + index * PACKET_SIZE : at + (index + 1) * PACKET_SIZE]
-                if self._sections.get(pid) != packet[4:]:
-                    self._sections[pid] = packet[4:]
-                    self._section(packet, pid, start + at + index * PACKET_SIZE)
+            self._look_at(data, start, at + index * PACKET_SIZE)
             index += 1
-        return end
+            if self._head_of is None:  # the head is over
+                self._sections_in(data, start, at + index * PACKET_SIZE, end)
+                return
+
+    def _look_at(self, data: bytes, start: int, offset: int) -> None:
+        """The packet at ``offset`` of ``data`` (which starts at byte ``start`` of the stream)."""
+        high = data[offset + 1]
+        pid = (high & 0x1F) << 8 | data[offset + 2]
+        if self._head_of is not None and pid in self._latest:
+            self._head_of, self._watched = None, None
+        if high & 0x40 and (pid == 0 or pid in self._pmt_pids):
+            known = self._sections.get(pid)
+            if known is None or not data.startswith(known, offset + 4):
+                packet = data[offset : offset + PACKET_SIZE]
+                self._sections[pid], self._sections_pattern = packet[4:], None
+                self._section(packet, pid, start + offset)
 
     def _watch(self) -> re.Pattern[bytes]:
-        """What :meth:`_aligned` looks for: sections of PID 0 and the PMT PIDs, and in a segment's head
-        the packets of the streams the PMT lists (compiled again whenever one of those changes)."""
+        """What :meth:`_head_in` looks for: sections of PID 0 and the PMT PIDs, and the packets of the
+        streams the PMT lists (compiled again whenever one of those changes)."""
         entries = [_pid_entry(pid, starts=True) for pid in (0, *self._pmt_pids)]
-        if self._head_of is not None:
-            entries += [_pid_entry(pid, starts=False) for pid in self._latest]
+        entries += [_pid_entry(pid, starts=False) for pid in self._latest]
         self._watched = re.compile(b"|".join(entries))
         return self._watched
 
@@ -300,7 +346,7 @@ class StreamTypeWatch:
             for entry in range(at + 8, end - 3, 4):
                 if packet[entry] << 8 | packet[entry + 1]:
                     self._pmt_pids.add((packet[entry + 2] & 0x1F) << 8 | packet[entry + 3])
-                    self._watched = None
+                    self._watched = self._sections_pattern = None
         elif packet[at] == 0x02:  # PMT: stream_type, elementary_PID, ES_info_length, descriptors
             entry = at + 12 + (((packet[at + 10] & 0x0F) << 8) | packet[at + 11])
             while entry + 5 <= end:
