@@ -12,9 +12,9 @@ H.264 with 48 kHz AAC, one GOP per 1 s segment, as gateways send; see :mod:`byoc
 
 It prints CPU milliseconds per video frame for both and their ratio, the audio the session put out
 beside the video frames, and the added latency of every segment: when the output segment was complete
-minus when the input segment was complete. With ``--runs N`` it measures N times and reports the median
-ratio as well: both processes do the same codec work, yet in one run the codec's time alone can differ
-between them by a few percent (measured with ``perf``, README).
+minus when the input segment was complete. It measures :data:`_DEFAULT_RUNS` times (``--runs N``) and
+reports the median ratio as well: both processes do the same codec work, yet in one run the codec's time
+alone can differ between them by a few percent (measured with ``perf``, README).
 """
 
 from __future__ import annotations
@@ -104,6 +104,11 @@ class PipelineReport:
             f"frame latency inside the session (decoded -> encoded): p50 {self.frame_latency_ms_p50} ms",
         ]
 
+
+_DEFAULT_RUNS = 3
+"""Runs a measurement takes by default. The two processes of one run do the same codec work, yet their
+codec's CPU time alone differs by up to ~6 % within a run (README), so one run's ratio moves by a few
+hundredths: the figure to go by is the median of several."""
 
 _SAMPLE_S = 1.0
 """How often the session process reads its threads' CPU times. A stage's thread that ended since its
@@ -361,9 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--runs",
         type=int,
-        default=1,
         help="measure N times, one after another, and report every run and the median ratio "
-        "(one run's ratio moves by a few hundredths with the machine's state)",
+        f"(default {_DEFAULT_RUNS}, 1 with --profile-session: one run's ratio moves by a few hundredths "
+        "between runs)",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument(
@@ -385,13 +390,14 @@ def main(argv: list[str] | None = None) -> int:
         ms, frames = _raw_cpu_ms_per_frame(Path(args.raw).read_bytes(), settings, fps=args.raw_fps)
         print(json.dumps({"cpu_ms_per_frame": ms, "frames": frames}))
         return 0
-    if args.runs < 1:
+    runs = args.runs if args.runs is not None else 1 if args.profile_session else _DEFAULT_RUNS
+    if runs < 1:
         parser.error("--runs must be at least 1")
-    if args.runs > 1 and args.profile_session:
+    if runs > 1 and args.profile_session:
         parser.error("--profile-session profiles one run: leave out --runs")
     reports: list[PipelineReport] = []
     try:
-        for _ in range(args.runs):
+        for _ in range(runs):
             reports.append(
                 asyncio.run(
                     run_pipeline_bench(
