@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 _TRANSPORT_ERRORS = (OSError, http.client.HTTPException)
 _READ_BYTES = 64 * 1024
 _INTERIM_LIMIT = 4096  # an interim answer (100 Continue) is a status line and a few headers
+_NO_FAILURES = RetryState()  # (immutable: shared)
 _EARLY_ANSWER_S = 0.05
 """How long a POST that was not pre-connected waits for an early refusal before its body starts."""
 
@@ -77,6 +78,7 @@ class _Connections:
             raise ValueError(f"not an http(s) URL: {url!r}")
         self._host = parts.hostname
         self._port = parts.port
+        self._origin = f"{parts.scheme}://{parts.netloc}"
         self._context: ssl.SSLContext | None = None
         if parts.scheme == "https":
             self._context = ssl.create_default_context()
@@ -98,8 +100,10 @@ class _Connections:
             connection, self._idle = self._idle, None
         if connection is None or connection.sock is None:
             connection = self._connect()
-        target = urllib.parse.urlsplit(url)
-        path = target.path + (f"?{target.query}" if target.query else "")
+        path = url[len(self._origin) :] if url.startswith(self._origin) else ""
+        if not path.startswith("/") or "#" in path:  # not the channel's own form: parse it
+            target = urllib.parse.urlsplit(url)
+            path = target.path + (f"?{target.query}" if target.query else "")
         try:
             connection.putrequest(method, path, skip_accept_encoding=True)
             for name, value in headers.items():
@@ -371,7 +375,7 @@ class BlockingSubscriber:
         """The GET loop of :meth:`TrickleSubscriber._get <byoc.trickle.subscriber.TrickleSubscriber>`,
         blocking: the seq that answered with its connection and response (the next seq
         pre-connected), or None at the end of the channel or when the seq to read again is lost."""
-        state = RetryState()
+        state = _NO_FAILURES
         if again is not None:
             self._drop_preconnect()
         while True:
@@ -489,7 +493,7 @@ class BlockingPublisher:
             raise RuntimeError("write() on a segment that is not open")
         if self._broken_open or not data:
             return
-        state = RetryState()
+        state = _NO_FAILURES
         while True:
             if post.connection is None:
                 post.connection = self._attempt(post)
@@ -683,7 +687,7 @@ class BlockingPublisher:
         return classify_post(response.status, _headers(response))
 
     def _post_empty(self, post: _Post) -> PostOutcome:
-        state = RetryState()
+        state = _NO_FAILURES
         while True:
             if post.connection is None:
                 post.connection = self._attempt(post)
