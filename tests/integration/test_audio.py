@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from byoc.builtin.passthrough import PassthroughProcessor
+from byoc.dev.corpus import later
 from byoc.dev.trickle_server import RunningTrickle
 from byoc.processor import SessionContext
 from byoc.session import Session
@@ -187,6 +188,69 @@ async def test_gateway_audio_comes_out_whole_in_sync_and_in_order(
     assert stats.frames_out == sum(len(media.video) for media in ins)
     audio = stats.as_dict()["audio"]
     assert audio["packets_out"] == len(dts)
+
+
+LEFT_BEEPS = "aformat=channel_layouts=stereo,aeval='val(ch)*lt(mod(t\\,0.5)\\,0.03)*eq(ch\\,0)':c=same"
+"""The beeps of :data:`BEEPS` in the left channel only; the right one silent."""
+
+
+def _channel_peaks(data: bytes) -> list[float]:
+    """The loudest sample of each audio channel, as a fraction of full scale."""
+    peaks: np.ndarray | None = None
+    with av.open(io.BytesIO(data), mode="r") as container:
+        for frame in container.decode(audio=0):
+            samples = np.abs(frame.to_ndarray().astype(np.float64))
+            if not frame.format.is_planar:
+                samples = samples.reshape(frame.samples, -1).T
+            level = samples.max(axis=1) / _FULL_SCALE.get(frame.format.name.rstrip("p"), 1.0)
+            peaks = level if peaks is None else np.maximum(peaks, level)
+    assert peaks is not None
+    return [float(peak) for peak in peaks]
+
+
+async def test_stereo_audio_keeps_each_channel_apart(
+    trickle: RunningTrickle, http: aiohttp.ClientSession
+) -> None:
+    """48 kHz stereo AAC in (what the Opus encoder takes once its two planes are interleaved): a beep
+    only in the left channel comes out only in the left channel, where it went in."""
+    case = dataclasses.replace(
+        CASES["h264-aac"], name="h264-aac-left-beeps", extra=(*CASES["h264-aac"].extra, "-af", LEFT_BEEPS)
+    )
+    inputs = segments(case)
+    assert _channel_peaks(b"".join(inputs))[1] == 0.0
+    h, _ = await _run_session(trickle, http, inputs, case.rate)
+    left, right = _channel_peaks(h.output_bytes())
+    assert left > 0.1  # the tone's amplitude is 1/8
+    assert right < 0.01
+    first_video = _read(inputs[0]).video[0]
+    onsets_in = [t for t in _onsets(b"".join(inputs)) if t * 90000 >= first_video]
+    onsets_out = _onsets(h.output_bytes())
+    assert len(onsets_out) == len(onsets_in) >= 2 * len(inputs) - 1
+    for t_in, t_out in zip(onsets_in, onsets_out, strict=True):
+        assert abs(t_out - t_in) * 90000 <= TOLERANCE, f"a beep at {t_in:.4f} s in came out at {t_out:.4f} s"
+
+
+@pytest.mark.parametrize("first", ["aac-44k-mono", "h264-aac"])
+async def test_audio_that_changes_format_mid_stream_comes_out_whole(
+    trickle: RunningTrickle, http: aiohttp.ClientSession, first: str
+) -> None:
+    """44.1 kHz mono AAC (resampled) then 48 kHz stereo AAC (interleaved only), and the other way round:
+    what the old format left in the resampler goes out before the new format's first samples."""
+    second = "h264-aac" if first == "aac-44k-mono" else "aac-44k-mono"
+    parts = (
+        dataclasses.replace(CASES[first], name=f"{first}-2s", seconds=2.0),
+        later(dataclasses.replace(CASES[second], name=f"{second}-2s", seconds=2.0), 2.0),
+    )
+    inputs = segments(Case(f"{first}-then-{second}", parts=parts))
+    h, session = await _run_session(trickle, http, inputs, CASES[first].rate)
+    ins = [_read(segment) for segment in inputs]
+    outs = [_read(segment.data) for segment in h.output]
+    expected = sum(_audio_ticks(media, ins[0].video[0] if i == 0 else None) for i, media in enumerate(ins))
+    got = sum(d for media in outs for _, _, d in media.audio_packets)
+    assert abs(got - expected) <= len(inputs) * TOLERANCE, (
+        f"{expected / 90000:.3f} s in, {got / 90000:.3f} s out"
+    )
+    assert "audio_encode" not in session.statistics().errors
 
 
 def _damage_audio(segment: bytes, seed: int = 1) -> bytes:

@@ -36,6 +36,7 @@ from fractions import Fraction
 from typing import Any, Protocol
 
 import av
+import numpy as np
 from av.video.frame import PictureType
 from av.video.reformatter import VideoReformatter
 
@@ -207,6 +208,32 @@ def _open_nvenc(settings: EncoderSettings) -> av.VideoCodecContext:
     return encoder
 
 
+_PLANAR_STEREO = ("fltp", "stereo", _AUDIO_RATE)
+"""What AAC decodes to at 48 kHz stereo: the Opus encoder's format but for the interleaving."""
+
+
+class _Interleaver:
+    """Planar float stereo at 48 kHz as the Opus encoder's interleaved float: the two planes copied into
+    one frame, which is used again for the next (the FIFO copies what is written to it). It spares the
+    usual input the resampler's filter graph, which costs several times as much for this copy."""
+
+    def __init__(self) -> None:
+        self._frame: av.AudioFrame | None = None
+        self._samples: np.ndarray[Any, np.dtype[np.float32]] = np.empty(0, np.float32)
+
+    def __call__(self, frame: av.AudioFrame) -> av.AudioFrame:
+        count = frame.samples
+        out = self._frame
+        if out is None or out.samples != count:
+            out = self._frame = av.AudioFrame(format="flt", layout="stereo", samples=count)
+            out.sample_rate = _AUDIO_RATE
+            self._samples = np.frombuffer(memoryview(out.planes[0]), np.float32, 2 * count)
+        left, right = frame.planes
+        self._samples[0::2] = np.frombuffer(memoryview(left), np.float32, count)
+        self._samples[1::2] = np.frombuffer(memoryview(right), np.float32, count)
+        return out
+
+
 def _audio_ticks(frame: av.AudioFrame) -> int:
     """The frame's duration in 90 kHz ticks."""
     return frame.samples * 90000 // frame.sample_rate if frame.sample_rate else 0
@@ -302,6 +329,7 @@ class Encoder(Stage):
         self._audio_off = False  # no Opus encoder could be opened: video only
         self._audio_failures = 0  # in a row (the first of a run is logged as a warning)
         self._resampler: av.AudioResampler | None = None
+        self._interleave = _Interleaver()
         self._resampler_input: tuple[str, str, int] | None = None
         self._fifo = av.AudioFifo()
         self._audio_next: int | None = None
@@ -554,6 +582,11 @@ class Encoder(Stage):
             return [f for f in flushed if f is not None]
         flushed = []
         key = (frame.format.name, frame.layout.name, frame.sample_rate)
+        if key == _PLANAR_STEREO:
+            if self._resampler is not None:  # the input's format changed to this one
+                flushed = self._resample(None)
+                self._resampler = self._resampler_input = None
+            return [*flushed, self._interleave(frame)]
         if self._resampler is None or key != self._resampler_input:
             flushed = self._resample(None)
             self._resampler = av.AudioResampler(format="flt", layout="stereo", rate=_AUDIO_RATE)
