@@ -137,47 +137,30 @@ def test_the_pmt_watch_dates_a_codec_change_however_the_bytes_arrive(chunk: int)
     assert watch.codec_at(offset, 0x100) is None  # no stream on the usual PID
 
 
-def _crc32_mpeg2(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc ^= byte << 24
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x04C11DB7 if crc & 0x80000000 else crc << 1) & 0xFFFFFFFF
-    return crc
-
-
-def _pmt_naming_hevc(packet: bytes, video_pid: int) -> bytes:
-    """A copy of PMT ``packet`` whose entry for ``video_pid`` says HEVC, with its CRC made again and
-    its header's transport_priority bit set."""
-    out = bytearray(packet)
-    out[1] |= 0x20
-    section = 5 + out[4]  # after the pointer_field
-    end = section + 3 + ((out[section + 1] & 0x0F) << 8 | out[section + 2])
-    entry = section + 12 + ((out[section + 10] & 0x0F) << 8 | out[section + 11])
-    while ((out[entry + 1] & 0x1F) << 8 | out[entry + 2]) != video_pid:
-        entry += 5 + ((out[entry + 3] & 0x0F) << 8 | out[entry + 4])
-    out[entry] = 0x24
-    out[end - 4 : end] = _crc32_mpeg2(bytes(out[section : end - 4])).to_bytes(4, "big")
-    return bytes(out)
+def _pmt_packets(segment: bytes | bytearray) -> list[int]:
+    """Where the packets that start a section on the PMT PID of ``_PIDS`` are."""
+    return [
+        at
+        for at in range(0, len(segment), PACKET_SIZE)
+        if segment[at + 1] & 0x40 and ((segment[at + 1] & 0x1F) << 8 | segment[at + 2]) == 0x10FF
+    ]
 
 
 @pytest.mark.parametrize("chunk", [PACKET_SIZE - 1, 4096, 1 << 20])
 def test_the_pmt_watch_dates_a_change_within_a_segment(chunk: int) -> None:
     """Past a segment's head the watch searches the bytes for PAT and PMT headers: a PMT packet with
-    its transport_priority bit set counts, bytes in a payload that look like a PMT header do not."""
-    segment = bytearray(segments(Case("h264-pids", seconds=1, extra=_PIDS))[0])
-    pmts = [
-        at
-        for at in range(0, len(segment), PACKET_SIZE)
-        if segment[at + 1] & 0x40 and ((segment[at + 1] & 0x1F) << 8 | segment[at + 2]) == 0x10FF
-    ]
-    changed = pmts[-1]
+    its transport_priority bit set counts, bytes in a payload that look like a PMT packet do not.
+    The PMT that names HEVC is ffmpeg's, from an HEVC stream on the same PIDs."""
+    hevc = segments(Case("hevc-pids-1s", seconds=1, video=HEVC, extra=_PIDS))[0]
+    naming_hevc = bytearray(hevc[_pmt_packets(hevc)[0] :][:PACKET_SIZE])
+    naming_hevc[1] |= 0x20  # transport_priority
+    segment = bytearray(segments(Case("h264-pids-1s", seconds=1, extra=_PIDS))[0])
+    changed = _pmt_packets(segment)[-1]
     assert changed > len(segment) // 2  # well past the segment's head
-    hevc = _pmt_naming_hevc(bytes(segment[changed : changed + PACKET_SIZE]), 0x15B)
-    segment[changed : changed + PACKET_SIZE] = hevc
+    segment[changed : changed + PACKET_SIZE] = naming_hevc
     host = changed - 10 * PACKET_SIZE  # an earlier packet of another PID: its payload gets a lookalike
     assert ((segment[host + 1] & 0x1F) << 8 | segment[host + 2]) not in (0, 0x10FF)
-    segment[host + 100 : host + 100 + PACKET_SIZE // 2] = hevc[: PACKET_SIZE // 2]
+    segment[host + 100 : host + 100 + PACKET_SIZE // 2] = naming_hevc[: PACKET_SIZE // 2]
     watch = StreamTypeWatch()
     for at in range(0, len(segment), chunk):
         watch.scan(bytes(segment[at : at + chunk]), at)

@@ -193,8 +193,7 @@ def _section_start(pid: int, known: bytes | None) -> bytes:
     flags = bytes(0x40 | pid >> 8 | other for other in (0x00, 0x20, 0x80, 0xA0))
     low = re.escape(bytes((pid & 0xFF,)))
     header = bytes((SYNC_BYTE,)) + b"[" + re.escape(flags) + b"]" + low + b"[\x00-\xff]"  # any 4th byte
-    # The section ends where its stuffing (0xFF) starts: what follows it cannot change the section.
-    return header if known is None else header + b"(?!" + re.escape(known.rstrip(b"\xff")) + b")"
+    return header if known is None else header + b"(?!" + re.escape(known) + b")"
 
 
 def _pid_entry(pid: int, *, starts: bool) -> bytes:

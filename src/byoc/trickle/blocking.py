@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 _TRANSPORT_ERRORS = (OSError, http.client.HTTPException)
 _READ_BYTES = 64 * 1024
 _INTERIM_LIMIT = 4096  # an interim answer (100 Continue) is a status line and a few headers
-_NO_FAILURES = RetryState()  # (immutable: shared)
+_NO_FAILURES = RetryState()  # frozen: one serves every request that has not failed yet
 _EARLY_ANSWER_S = 0.05
 """How long a POST that was not pre-connected waits for an early refusal before its body starts."""
 
