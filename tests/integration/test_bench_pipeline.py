@@ -42,7 +42,7 @@ def test_bench_pipeline_reports_both_measurements_and_the_audio(tmp_path: Path) 
 
 def test_bench_pipeline_runs_three_times_and_reports_every_run_and_their_median_ratio() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "byoc", "bench", "pipeline", "--seconds", "1", "--json"],
+        [sys.executable, "-m", "byoc", "bench", "pipeline", "--seconds", "1", "--input", "aac", "--json"],
         capture_output=True,
         text=True,
         timeout=180,
@@ -52,6 +52,7 @@ def test_bench_pipeline_runs_three_times_and_reports_every_run_and_their_median_
     ratios = sorted(run["ratio"] for run in report["runs"])
     assert len(ratios) == 3
     assert all(run["frames_out"] == run["frames_in"] == 30 for run in report["runs"])
+    assert all(run["input"].startswith("ffmpeg h264-aac:") for run in report["runs"])  # aac: the default
     assert (report["ratio_min"], report["ratio_median"], report["ratio_max"]) == tuple(ratios)
 
 

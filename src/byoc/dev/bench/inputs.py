@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_DELIVERY",
     "DEFAULT_INPUT",
     "DELIVERY_CHOICES",
+    "INPUT_ALIASES",
     "LOOP_S",
     "BenchInput",
     "add_arguments",
@@ -41,6 +42,8 @@ __all__ = [
 ]
 
 DEFAULT_INPUT = "h264-aac"
+INPUT_ALIASES = {"aac": DEFAULT_INPUT}
+"""Other names ``--input`` takes: ``aac`` is the default, H.264 with AAC audio."""
 DELIVERY_CHOICES = ("spread", "burst")
 DEFAULT_DELIVERY = "spread"
 LOOP_S = 8.0
@@ -86,9 +89,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input",
         default=DEFAULT_INPUT,
+        type=lambda name: INPUT_ALIASES.get(name, name),
         choices=choices(),
-        help=f"a corpus case made by ffmpeg, looped (default {DEFAULT_INPUT}: H.264 + AAC, as gateways "
-        "send), or synthetic (byoc's own video-only test pattern)",
+        help=f"a corpus case made by ffmpeg, looped (default {DEFAULT_INPUT}, also called aac: H.264 + "
+        "AAC, as gateways send), or synthetic (byoc's own video-only test pattern)",
     )
     parser.add_argument(
         "--delivery",
