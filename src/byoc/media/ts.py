@@ -224,7 +224,7 @@ class StreamTypeWatch:
         self._changes: list[tuple[int, int, str]] = []
         self._sections: dict[int, bytes] = {}  # the last section packet of each PID (its payload)
         self._watched: re.Pattern[bytes] | None = None  # see _watch()
-        self._sections_pattern: re.Pattern[bytes] | None = None  # see _sections_start()
+        self._sections_pattern: re.Pattern[bytes] | None = None  # see _watch_sections()
 
     def scan(self, data: bytes, offset: int) -> None:
         """``data``, which starts at byte ``offset`` of the stream."""
@@ -261,7 +261,7 @@ class StreamTypeWatch:
         """Past a segment's head only PAT and PMT sections count, and only those that differ from the
         last one on their PID: one search of the bytes finds the headers of their packets (and, rarely,
         payload bytes that look like one, which are skipped)."""
-        while (found := (self._sections_pattern or self._sections_start()).search(data, at, end)) is not None:
+        while (found := (self._sections_pattern or self._watch_sections()).search(data, at, end)) is not None:
             offset = found.start()
             if (offset - at) % PACKET_SIZE:
                 at = offset + 1  # not where a packet starts
@@ -269,7 +269,7 @@ class StreamTypeWatch:
             self._look_at(data, start, offset)
             at = offset + PACKET_SIZE
 
-    def _sections_start(self) -> re.Pattern[bytes]:
+    def _watch_sections(self) -> re.Pattern[bytes]:
         """What :meth:`_sections_in` looks for (compiled again whenever the PMT PIDs or the last
         section seen on one of them change)."""
         entries = [_section_start(pid, self._sections.get(pid)) for pid in (0, *self._pmt_pids)]
