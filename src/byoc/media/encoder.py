@@ -329,8 +329,8 @@ class Encoder(Stage):
         self._audio_off = False  # no Opus encoder could be opened: video only
         self._audio_failures = 0  # in a row (the first of a run is logged as a warning)
         self._resampler: av.AudioResampler | None = None
-        self._interleave = _Interleaver()
         self._resampler_input: tuple[str, str, int] | None = None
+        self._interleave = _Interleaver()  # instead of the resampler for 48 kHz stereo float input
         self._fifo = av.AudioFifo()
         self._audio_next: int | None = None
         """The 48 kHz sample clock at the next sample to encode (the first one in the FIFO)."""
@@ -502,11 +502,12 @@ class Encoder(Stage):
     def _receive_audio(self, item: AudioItem) -> None:
         if not self._want_audio or self._audio_off:
             return
+        ticks = _audio_ticks(item.frame)
         self._audio_in += 1
-        self._audio_in_ticks += _audio_ticks(item.frame)
+        self._audio_in_ticks += ticks
         if self._audio_stream is None or self._container is None:
             self._pending_audio.append(item)  # until the next segment opens
-            self._pending_ticks += _audio_ticks(item.frame)
+            self._pending_ticks += ticks
             while self._pending_ticks > _MAX_PENDING_AUDIO_TICKS:
                 self._pending_ticks -= _audio_ticks(self._pending_audio.popleft().frame)
                 self._audio_dropped += 1

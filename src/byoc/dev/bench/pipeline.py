@@ -13,8 +13,7 @@ H.264 with 48 kHz AAC, one GOP per 1 s segment, as gateways send; see :mod:`byoc
 It prints CPU milliseconds per video frame for both and their ratio, the audio the session put out
 beside the video frames, and the added latency of every segment: when the output segment was complete
 minus when the input segment was complete. It measures :data:`_DEFAULT_RUNS` times (``--runs N``) and
-reports the median ratio as well: both processes do the same codec work, yet in one run the codec's time
-alone can differ between them by a few percent (measured with ``perf``, README).
+reports the median ratio as well (why: see there).
 """
 
 from __future__ import annotations
